@@ -1,0 +1,83 @@
+"""Run a function on several gloo ranks in forked processes, and collect what each returns.
+
+    results = run_world(fn, world_size, *args)   # results[rank] == fn(rank, world_size, *args)
+
+Processes are forked (about 2 s for 4 ranks, against 7 s when spawned); the process group is set up
+over a FileStore in a temporary folder, so no port is needed. A rank that raises makes run_world
+raise with that rank's traceback; a rank that hangs is killed after ``timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _entry(rank: int, fn: Callable[..., Any], world_size: int, folder: str, args: tuple) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    store = dist.FileStore(os.path.join(folder, "store"), world_size)
+    dist.init_process_group(
+        "gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=60)
+    )
+    try:
+        out: Any = ("ok", fn(rank, world_size, *args))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        out = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+    with open(os.path.join(folder, f"result_{rank}.pkl"), "wb") as f:
+        pickle.dump(out, f)
+    try:
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - a peer may already be gone
+        pass
+
+
+def run_world(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return the results."""
+    with tempfile.TemporaryDirectory() as folder:
+        ctx = mp.start_processes(
+            _entry,
+            args=(fn, world_size, folder, args),
+            nprocs=world_size,
+            join=False,
+            start_method="fork",
+        )
+        import time
+
+        deadline = time.monotonic() + timeout
+        try:
+            while not ctx.join(timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"ranks still running after {timeout:.0f} s")
+        except mp.ProcessRaisedException:
+            pass  # the per-rank result file says what went wrong
+        except mp.ProcessExitedException as exc:
+            if not os.path.exists(os.path.join(folder, f"result_{exc.error_index}.pkl")):
+                raise
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+        results = []
+        for rank in range(world_size):
+            path = os.path.join(folder, f"result_{rank}.pkl")
+            if not os.path.exists(path):
+                raise RuntimeError(f"rank {rank} died without a result")
+            with open(path, "rb") as f:
+                status, value = pickle.load(f)
+            if status == "error":
+                raise RuntimeError(f"rank {rank} failed: {value}")
+            results.append(value)
+        return results
