@@ -1,0 +1,93 @@
+"""Point-to-point exchange of flat buffers with one partner, on torch.distributed.
+
+gloo: plain ``isend``/``irecv`` with a per-step tag (``batch_isend_irecv`` is a loop of the same
+calls on gloo and has been reported to hang). NCCL ignores tags and matches by call order, so there
+the pair goes through ``batch_isend_irecv``, which groups the send and the receive into one NCCL
+call and cannot deadlock on the order of the two.
+
+The functions are looked up on ``torch.distributed`` at call time, so tests can wrap them to count
+traffic and record the order of calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from gossipgrad.errors import PeerError
+
+_TAG_STEPS = 1 << 16  # tags cycle every 65536 steps; they only need to tell nearby steps apart
+
+
+@dataclass
+class InFlight:
+    """The works of one step's exchange, with what is needed to explain a failure."""
+
+    works: list[tuple[dist.Work, str, int]]  # (work, "send to" | "receive from", group rank)
+    step: int
+
+    def wait(self, timeout: timedelta, rank: int) -> None:
+        for work, what, peer in self.works:
+            try:
+                ok = work.wait(timeout)
+            except RuntimeError as exc:
+                raise PeerError(_explain(exc, what, peer, rank, self.step, timeout), peer) from exc
+            if ok is False:  # some backends report a timeout by returning False
+                raise PeerError(_explain(None, what, peer, rank, self.step, timeout), peer)
+
+
+def start(
+    sends: list[torch.Tensor],
+    recvs: list[torch.Tensor],
+    send_to: int | None,
+    recv_from: int | None,
+    step: int,
+    group: dist.ProcessGroup,
+) -> InFlight:
+    """Start sending each of ``sends`` to ``send_to`` and receiving ``recvs`` from ``recv_from``
+    (group ranks; ``None`` for no message). Returns at once; ``InFlight.wait`` completes it."""
+    dst = None if send_to is None else dist.get_global_rank(group, send_to)
+    src = None if recv_from is None else dist.get_global_rank(group, recv_from)
+    works: list[tuple[dist.Work, str, int]] = []
+    if dist.get_backend(group) == "nccl":
+        ops = []
+        for s, r in zip(sends, recvs, strict=True):
+            if dst is not None:
+                ops.append(dist.P2POp(dist.isend, s, dst, group))
+            if src is not None:
+                ops.append(dist.P2POp(dist.irecv, r, src, group))
+        if ops:
+            peer = send_to if send_to is not None else recv_from
+            assert peer is not None
+            works = [(w, "exchange with", peer) for w in dist.batch_isend_irecv(ops)]
+        return InFlight(works, step)
+    base = (step % _TAG_STEPS) * len(sends)
+    for b, (s, r) in enumerate(zip(sends, recvs, strict=True)):
+        if src is not None and recv_from is not None:
+            works.append((dist.irecv(r, src, group=group, tag=base + b), "receive from", recv_from))
+        if dst is not None and send_to is not None:
+            works.append((dist.isend(s, dst, group=group, tag=base + b), "send to", send_to))
+    return InFlight(works, step)
+
+
+def _explain(
+    exc: Exception | None, what: str, peer: int, rank: int, step: int, timeout: timedelta
+) -> str:
+    cause = f" ({exc})" if exc is not None else ""
+    text = str(exc or "").lower()
+    if "timeout" in text or "timed out" in text or exc is None:
+        why = f"rank {peer} did not answer within {timeout.total_seconds():.0f} s"
+        fix = (
+            f"check that rank {peer} is alive and at the same step; raise the timeout "
+            "(timeout=... / --timeout-s) if its steps are legitimately that slow"
+        )
+    else:
+        why = f"the connection to rank {peer} broke, so rank {peer} has probably died"
+        fix = f"look at rank {peer}'s log for the cause; restart from the last checkpoint"
+    return (
+        f"gossip exchange failed on rank {rank} at step {step}: could not {what} rank {peer}: "
+        f"{why}. Fix: {fix}.{cause}"
+    )

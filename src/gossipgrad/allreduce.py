@@ -1,0 +1,108 @@
+"""The all-reduce baseline, one switch away from gossip: ``wrap(module, algo="allreduce")``.
+
+``AllReduceDataParallel`` is PyTorch's ``DistributedDataParallel`` with the few extra methods that
+``GossipDataParallel`` has, so a training loop (and every benchmark) runs either unchanged.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from gossipgrad.consensus import average_, consensus_distance
+from gossipgrad.mixing import make_buckets
+from gossipgrad.parallel import GossipDataParallel
+
+ALGOS = ("gossip", "allreduce")
+
+
+class AllReduceDataParallel(DistributedDataParallel):
+    """``DistributedDataParallel`` plus ``step``, ``flush``, ``consensus_distance``,
+    ``average_replicas``, ``gossip_state`` and ``bytes_sent_last_step``."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        process_group: dist.ProcessGroup | None = None,
+        bucket_cap_mb: float = 25.0,
+        **ddp_options: Any,
+    ) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "AllReduceDataParallel needs torch.distributed initialised: call "
+                "torch.distributed.init_process_group first, or launch with torchrun"
+            )
+        super().__init__(
+            module, process_group=process_group, bucket_cap_mb=bucket_cap_mb, **ddp_options
+        )
+        self.group = process_group if process_group is not None else dist.group.WORLD
+        self.world_size = dist.get_world_size(self.group)
+        self.step = 0
+        tensors = list(module.parameters()) + list(module.buffers())
+        self._floats = [t for t in tensors if t.is_floating_point()]
+        self._buckets = make_buckets(self._floats, int(bucket_cap_mb * 2**20))
+        model_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+        # What a ring all-reduce sends per rank: 2 (p - 1) / p model copies.
+        self.bytes_sent_last_step = 0
+        self._bytes_per_step = int(2 * (self.world_size - 1) / self.world_size * model_bytes)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.module.training and self.require_backward_grad_sync:
+            self.step += 1
+            self.bytes_sent_last_step = self._bytes_per_step
+        return super().forward(*args, **kwargs)
+
+    def flush(self) -> None:
+        """Nothing is ever in flight between steps with all-reduce."""
+
+    def consensus_distance(self) -> float:
+        return consensus_distance(self._floats, self._buckets, self.group)
+
+    def average_replicas(self) -> None:
+        average_(self._floats, self._buckets, self.group)
+
+    def gossip_state(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_gossip_state(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+
+
+def wrap(
+    module: nn.Module,
+    algo: str = "gossip",
+    *,
+    process_group: dist.ProcessGroup | None = None,
+    bucket_cap_mb: float = 25.0,
+    sync: bool = False,
+    mode: str = "params",
+    schedule: str = "dissemination",
+    seed: int = 0,
+    timeout: timedelta = timedelta(minutes=5),
+    on_nonfinite: str = "raise",
+) -> GossipDataParallel | AllReduceDataParallel:
+    """Wrap ``module`` for ``algo`` = ``"gossip"`` or ``"allreduce"``. The gossip-only options
+    (``sync``, ``mode``, ``schedule``, ``seed``, ``timeout``, ``on_nonfinite``) are ignored by
+    all-reduce."""
+    if algo == "gossip":
+        return GossipDataParallel(
+            module,
+            sync=sync,
+            mode=mode,
+            schedule=schedule,
+            seed=seed,
+            bucket_cap_mb=bucket_cap_mb,
+            process_group=process_group,
+            timeout=timeout,
+            on_nonfinite=on_nonfinite,
+        )
+    if algo == "allreduce":
+        return AllReduceDataParallel(
+            module, process_group=process_group, bucket_cap_mb=bucket_cap_mb
+        )
+    raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")

@@ -1,0 +1,107 @@
+"""Flat buffers and the mixing arithmetic, shared by the engine and the virtual cluster.
+
+Nothing here communicates: these are plain tensor operations, so that the same code mixes replicas
+across processes (``gossipgrad.parallel``) and inside one process (``gossipgrad.virtual``).
+
+Mixing with weight ``w`` (``w = 1/2`` for every schedule but ``exact``):
+
+- synchronous:  ``x <- (1 - w) x + w r``                 (``r`` the partner's replica)
+- residual:     ``x <- x + w (r - s)``                    (``s`` the snapshot this rank sent)
+
+The residual form is what overlap needs: the snapshot ``s`` left when the exchange began, a local
+optimizer step moved ``x`` meanwhile, and the residual keeps that step while pulling toward the
+partner (staleness 1). When nothing moved, ``x == s`` and both forms agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Bucket:
+    """A group of same-dtype, same-device tensors and two flat buffers the size of their sum:
+    ``send`` holds the snapshot that goes out, ``recv`` what comes in."""
+
+    indices: list[int]
+    send: torch.Tensor
+    recv: torch.Tensor
+    numels: list[int] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return self.send.numel() * self.send.element_size()
+
+
+def make_buckets(tensors: Sequence[torch.Tensor], cap_bytes: int) -> list[Bucket]:
+    """Group ``tensors`` (in order) into buckets of at most ``cap_bytes`` (a single larger tensor
+    gets a bucket of its own), never mixing dtypes or devices within a bucket."""
+    groups: list[list[int]] = []
+    sizes: list[int] = []
+    keys: list[tuple[torch.dtype, torch.device]] = []
+    open_group: dict[tuple[torch.dtype, torch.device], int] = {}
+    for i, t in enumerate(tensors):
+        key = (t.dtype, t.device)
+        nbytes = t.numel() * t.element_size()
+        g = open_group.get(key)
+        if g is None or sizes[g] + nbytes > cap_bytes:
+            g = len(groups)
+            groups.append([])
+            sizes.append(0)
+            keys.append(key)
+            open_group[key] = g
+        groups[g].append(i)
+        sizes[g] += nbytes
+    buckets = []
+    for idx, (dtype, device) in zip(groups, keys, strict=True):
+        numels = [tensors[i].numel() for i in idx]
+        total = sum(numels)
+        buckets.append(
+            Bucket(
+                indices=idx,
+                send=torch.empty(total, dtype=dtype, device=device),
+                recv=torch.empty(total, dtype=dtype, device=device),
+                numels=numels,
+            )
+        )
+    return buckets
+
+
+def views(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of ``flat`` shaped like each tensor of ``like`` (no copy)."""
+    out, offset = [], 0
+    for t in like:
+        out.append(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return out
+
+
+@torch.no_grad()
+def pack_(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Copy ``tensors`` into ``flat`` and return it."""
+    torch._foreach_copy_(views(flat, tensors), list(tensors))
+    return flat
+
+
+@torch.no_grad()
+def mix_(tensors: Sequence[torch.Tensor], received: torch.Tensor, weight: float) -> None:
+    """Synchronous mixing: ``x <- (1 - w) x + w r`` for each tensor ``x``."""
+    torch._foreach_lerp_(list(tensors), views(received, tensors), weight)
+
+
+@torch.no_grad()
+def mix_residual_(
+    tensors: Sequence[torch.Tensor], sent: torch.Tensor, received: torch.Tensor, weight: float
+) -> None:
+    """Overlapped mixing: ``x <- x + w (r - s)``; ``sent`` is overwritten with ``w (r - s)``."""
+    delta = sent.neg_().add_(received).mul_(weight)
+    torch._foreach_add_(list(tensors), views(delta, tensors))
+
+
+def is_finite(flat: torch.Tensor) -> bool:
+    """True when ``flat`` has no NaN or inf (one reduction; accumulates in float32 at least)."""
+    acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
+    return bool(torch.isfinite(flat.sum(dtype=acc)))

@@ -1,0 +1,332 @@
+"""``GossipDataParallel``: data parallelism where each rank talks to one partner per step.
+
+Used exactly like ``DistributedDataParallel``::
+
+    model = GossipDataParallel(module)          # parameters broadcast from rank 0
+    for x, y in loader:
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step(); optimizer.zero_grad()
+    model.average_replicas()                     # one all-reduce: every rank holds the mean
+
+Each training forward is one gossip step ``t``. In the default ``params`` mode, the forward first
+snapshots the parameters (the result of the previous optimizer step) into flat buffers and starts
+sending them to ``send_to`` while receiving ``recv_from``'s snapshot (``gossipgrad.schedule``).
+
+- overlapped (default): the exchange runs while this step's forward, backward and optimizer step
+  compute; the next forward waits for it and mixes in residual form, ``x <- x + w (r - s)``
+  (staleness 1, see ``gossipgrad.mixing``).
+- ``sync=True``: the forward waits for the exchange and mixes ``x <- (1 - w) x + w r`` before
+  computing.
+- ``mode="gradients"`` (for comparison only: replicas drift apart): after backward, gradients are
+  averaged with the partner's, ``g <- (1 - w) g + w g_r``, before the optimizer step.
+
+Per step a rank sends one message stream to one rank and receives one from one rank (several
+buckets, same partner), with no collective. Forwards under ``torch.no_grad()``, in ``eval()``
+mode, or inside ``no_sync()`` do not gossip.
+
+Buffers: floating-point buffers (BatchNorm running statistics) are mixed with the parameters in
+``params`` mode and averaged by ``average_replicas``; integer buffers (``num_batches_tracked``)
+stay local. All buffers are broadcast from rank 0 when wrapping. In ``gradients`` mode buffers stay
+local until ``average_replicas``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gossipgrad import _p2p
+from gossipgrad.consensus import average_, broadcast_, consensus_distance
+from gossipgrad.errors import NonFiniteError
+from gossipgrad.mixing import Bucket, is_finite, make_buckets, mix_, mix_residual_, pack_
+from gossipgrad.schedule import SCHEDULES, Exchange, plan
+
+MODES = ("params", "gradients")
+ON_NONFINITE = ("raise", "skip")
+
+
+class GossipDataParallel(nn.Module):
+    """Wrap ``module`` for GossipGraD data-parallel training (see the module docstring).
+
+    Args:
+        module: the model, on the device its rank trains on (CUDA for NCCL, CPU for gloo).
+        sync: wait for each exchange before computing, instead of overlapping it.
+        mode: ``"params"`` (default) or ``"gradients"``.
+        schedule: partner schedule, one of ``gossipgrad.schedule.SCHEDULES``.
+        seed: seeds the schedule's rotation; must be equal on every rank.
+        bucket_cap_mb: largest flat buffer sent as one message, in MiB.
+        process_group: the group to gossip in (default: the world).
+        timeout: how long to wait for a partner before raising ``PeerError``.
+        on_nonfinite: ``"raise"`` a ``NonFiniteError`` on NaN/inf in local or received
+            parameters, or ``"skip"`` mixing that bucket with a warning.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        sync: bool = False,
+        mode: str = "params",
+        schedule: str = "dissemination",
+        seed: int = 0,
+        bucket_cap_mb: float = 25.0,
+        process_group: dist.ProcessGroup | None = None,
+        timeout: timedelta = timedelta(minutes=5),
+        on_nonfinite: str = "raise",
+    ) -> None:
+        super().__init__()
+        _validate(mode, schedule, bucket_cap_mb, timeout, on_nonfinite)
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "GossipDataParallel needs torch.distributed initialised: call "
+                "torch.distributed.init_process_group('gloo') (CPU) or ('nccl') (GPU) first, "
+                "or launch with torchrun or `gossipgrad train`"
+            )
+        self.module = module
+        self.sync = sync
+        self.mode = mode
+        self.schedule = schedule
+        self.seed = seed
+        self.timeout = timeout
+        self.on_nonfinite = on_nonfinite
+        self.group = process_group if process_group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
+        self.step = 0
+        self.bytes_sent_last_step = 0
+        self._gossip_enabled = True
+        self._pending: tuple[_p2p.InFlight, Exchange] | None = None
+        self._grad_due = False  # gradients mode: this forward's backward must exchange
+
+        _check_device(module, self.group)
+        _check_same_model(module, self.group)
+        cap = int(bucket_cap_mb * 2**20)
+        everything = list(module.parameters()) + list(module.buffers())
+        broadcast_(everything, make_buckets(everything, cap), self.group)
+        self._buckets: list[Bucket] = make_buckets(self._mixed_tensors(), cap)
+        self._all_float = list(module.parameters()) + _float_buffers(module)
+        self._avg_buckets = (
+            self._buckets if mode == "params" else make_buckets(self._all_float, cap)
+        )
+        if mode == "gradients" and self.world_size > 1:
+            for p in module.parameters():
+                if p.requires_grad:
+                    p.register_post_accumulate_grad_hook(self._on_grad_ready)
+
+    # --- the training step -------------------------------------------------------------------
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._should_gossip():
+            if self.mode == "params":
+                self._gossip_params()
+            else:
+                self._grad_due = True
+            self.step += 1
+        return self.module(*args, **kwargs)
+
+    def _should_gossip(self) -> bool:
+        return (
+            self.world_size > 1
+            and self._gossip_enabled
+            and self.module.training
+            and torch.is_grad_enabled()
+        )
+
+    def _gossip_params(self) -> None:
+        self.flush()
+        tensors = self._mixed_tensors()
+        ex = plan(self.rank, self.step, self.world_size, self.seed, self.schedule)
+        for b in self._buckets:
+            pack_(b.send, [tensors[i] for i in b.indices])
+        if ex.send_to is not None:
+            self._check_finite("local", [b.send for b in self._buckets], self.rank)
+        inflight = self._start(ex)
+        self._pending = (inflight, ex)
+        if self.sync:
+            self._finish(residual=False)
+
+    def _start(self, ex: Exchange) -> _p2p.InFlight:
+        inflight = _p2p.start(
+            [b.send for b in self._buckets],
+            [b.recv for b in self._buckets],
+            ex.send_to,
+            ex.recv_from,
+            self.step,
+            self.group,
+        )
+        self.bytes_sent_last_step = (
+            sum(b.nbytes for b in self._buckets) if ex.send_to is not None else 0
+        )
+        return inflight
+
+    def _finish(self, residual: bool) -> None:
+        """Wait for the pending exchange and mix what it brought."""
+        assert self._pending is not None
+        inflight, ex = self._pending
+        self._pending = None
+        inflight.wait(self.timeout, self.rank)
+        if ex.recv_from is None:
+            return
+        tensors = self._mixed_tensors()
+        for b in self._buckets:
+            if not self._check_finite("received", [b.recv], ex.recv_from, inflight.step):
+                continue
+            own = [tensors[i] for i in b.indices]
+            if residual:
+                mix_residual_(own, b.send, b.recv, ex.weight)
+            else:
+                mix_(own, b.recv, ex.weight)
+
+    def flush(self) -> None:
+        """Complete the exchange in flight, if any, and mix it in now rather than at the next
+        forward (the result is the same). Call before evaluating or saving a replica."""
+        if self._pending is not None:
+            self._finish(residual=True)
+
+    # --- gradients mode ----------------------------------------------------------------------
+
+    def _on_grad_ready(self, _param: torch.Tensor) -> None:
+        if self._grad_due:
+            self._grad_due = False
+            torch.autograd.Variable._execution_engine.queue_callback(self._exchange_grads)
+
+    def _exchange_grads(self) -> None:
+        params = list(self.module.parameters())
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        ex = plan(self.rank, self.step - 1, self.world_size, self.seed, self.schedule)
+        for b in self._buckets:
+            pack_(b.send, [grads[i] for i in b.indices])
+        self._start(ex).wait(self.timeout, self.rank)
+        if ex.recv_from is None:
+            return
+        for b in self._buckets:
+            if self._check_finite("received", [b.recv], ex.recv_from, self.step - 1):
+                mix_([grads[i] for i in b.indices], b.recv, ex.weight)
+        for p, g in zip(params, grads, strict=True):
+            if p.grad is None and p.requires_grad:
+                p.grad = g
+
+    # --- replicas ------------------------------------------------------------------------------
+
+    def consensus_distance(self) -> float:
+        """``RMS_i ||x_i - mean|| / ||mean||`` over parameters and float buffers (collective:
+        every rank must call it at the same point)."""
+        self.flush()
+        return consensus_distance(self._all_float, self._avg_buckets, self.group)
+
+    def average_replicas(self) -> None:
+        """Set every replica to the exact average of all replicas (collective, one all-reduce)."""
+        self.flush()
+        average_(self._all_float, self._avg_buckets, self.group)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Forwards inside do not gossip (gradient accumulation, like DDP's ``no_sync``)."""
+        previous, self._gossip_enabled = self._gossip_enabled, False
+        try:
+            yield
+        finally:
+            self._gossip_enabled = previous
+
+    def gossip_state(self) -> dict[str, Any]:
+        """What a checkpoint needs to resume the schedule exactly (call after ``flush``)."""
+        return {"step": self.step, "schedule": self.schedule, "seed": self.seed}
+
+    def load_gossip_state(self, state: dict[str, Any]) -> None:
+        for key in ("schedule", "seed"):
+            if state.get(key, getattr(self, key)) != getattr(self, key):
+                raise ValueError(
+                    f"checkpoint was made with {key}={state[key]!r} but this run uses "
+                    f"{key}={getattr(self, key)!r}: resume with the same {key}"
+                )
+        self.step = int(state["step"])
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _mixed_tensors(self) -> list[torch.Tensor]:
+        if self.mode == "gradients":
+            return list(self.module.parameters())
+        return list(self.module.parameters()) + _float_buffers(self.module)
+
+    def _check_finite(
+        self, what: str, flats: list[torch.Tensor], source: int, step: int | None = None
+    ) -> bool:
+        if all(is_finite(f) for f in flats):
+            return True
+        step = self.step if step is None else step
+        where = (
+            "its own parameters" if what == "local" else f"parameters received from rank {source}"
+        )
+        message = (
+            f"rank {self.rank} found NaN or inf in {where} at gossip step {step}: training has "
+            "diverged (lower the learning rate, add gradient clipping, or check the data)"
+        )
+        if self.on_nonfinite == "raise":
+            raise NonFiniteError(message + "; on_nonfinite='skip' would skip such exchanges")
+        warnings.warn(message + "; skipping this exchange", RuntimeWarning, stacklevel=3)
+        return False
+
+
+def _float_buffers(module: nn.Module) -> list[torch.Tensor]:
+    return [b for b in module.buffers() if b.is_floating_point()]
+
+
+def _validate(
+    mode: str, schedule: str, bucket_cap_mb: float, timeout: timedelta, on_nonfinite: str
+) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if not bucket_cap_mb > 0:
+        raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb!r}")
+    if not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0:
+        raise ValueError(f"timeout must be a positive datetime.timedelta, got {timeout!r}")
+    if on_nonfinite not in ON_NONFINITE:
+        raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
+
+
+def _check_device(module: nn.Module, group: dist.ProcessGroup) -> None:
+    devices = {t.device for t in list(module.parameters()) + list(module.buffers())}
+    if len(devices) > 1:
+        raise ValueError(
+            f"the module's tensors are on several devices ({sorted(map(str, devices))}); "
+            "move it to one device (model.to(device)) before wrapping"
+        )
+    if dist.get_backend(group) == "nccl" and any(d.type != "cuda" for d in devices):
+        raise ValueError(
+            "the process group uses NCCL but the module is not on a CUDA device: call "
+            "module.to(f'cuda:{local_rank}') before wrapping, or use the 'gloo' backend on CPU"
+        )
+
+
+def _check_same_model(module: nn.Module, group: dist.ProcessGroup) -> None:
+    """Every rank must hold the same architecture: same tensors, shapes and dtypes."""
+    world = dist.get_world_size(group)
+    if world == 1:
+        return
+    mine = [(n, tuple(t.shape), str(t.dtype)) for n, t in module.named_parameters()]
+    mine += [(n, tuple(t.shape), str(t.dtype)) for n, t in module.named_buffers()]
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, mine, group=group)
+    ref = everyone[0]
+    for r, theirs in enumerate(everyone):
+        if theirs == ref:
+            continue
+        if len(theirs) != len(ref):
+            detail = f"rank 0 has {len(ref)} parameters and buffers, rank {r} has {len(theirs)}"
+        else:
+            a, b = next((a, b) for a, b in zip(ref, theirs, strict=True) if a != b)
+            detail = f"rank 0 has {a[0]} {a[1]} {a[2]}, rank {r} has {b[0]} {b[1]} {b[2]}"
+        raise ValueError(
+            f"the replicas differ across ranks ({detail}): every rank must build the same model "
+            "with the same dtype before wrapping"
+        )
