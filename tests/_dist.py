@@ -9,6 +9,7 @@ raise with that rank's traceback; a rank that hangs is killed after ``timeout`` 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import tempfile
@@ -36,10 +37,8 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, folder: str, args
         out = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
     with open(os.path.join(folder, f"result_{rank}.pkl"), "wb") as f:
         pickle.dump(out, f)
-    try:
+    with contextlib.suppress(Exception):  # a peer may already be gone
         dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - a peer may already be gone
-        pass
 
 
 def run_world(
