@@ -29,7 +29,7 @@ import random
 from dataclasses import dataclass
 from functools import lru_cache
 
-SCHEDULES: tuple[str, ...] = ("dissemination", "dissemination-fixed", "hypercube", "ring")
+SCHEDULES: tuple[str, ...] = ("dissemination", "dissemination-fixed", "hypercube", "ring", "exact")
 
 
 @dataclass(frozen=True)
