@@ -1,0 +1,426 @@
+"""GossipDataParallel on 2-4 gloo ranks: mixing, traffic, overlap, and bad input."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from _dist import run_world
+from torch import nn
+
+import gossipgrad
+from gossipgrad import GossipDataParallel, NonFiniteError, PeerError
+
+
+def _model(seed: int = 0, batchnorm: bool = True) -> nn.Module:
+    torch.manual_seed(seed)
+    norm = nn.BatchNorm1d(16) if batchnorm else nn.Identity()
+    return nn.Sequential(nn.Linear(6, 16), norm, nn.ReLU(), nn.Linear(16, 3))
+
+
+def _flat(module: nn.Module, buffers: bool = True) -> torch.Tensor:
+    tensors = list(module.parameters())
+    if buffers:
+        tensors += [b for b in module.buffers() if b.is_floating_point()]
+    return torch.cat([t.detach().double().reshape(-1) for t in tensors])
+
+
+def _batch(rank: int, step: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    x = torch.randn(8, 6, generator=g).to(dtype)
+    return x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+
+
+def _train(model: nn.Module, steps: int, rank: int, dtype: torch.dtype = torch.float32) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for t in range(steps):
+        x, y = _batch(rank, t, dtype)
+        nn.functional.cross_entropy(model(x).float(), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _perturb_(module: nn.Module, rank: int) -> None:
+    g = torch.Generator().manual_seed(rank)
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            if t.is_floating_point():
+                t.add_(torch.randn(t.shape, generator=g).to(t.dtype))
+
+
+# --- mixing ---------------------------------------------------------------------------------
+
+
+def _mixing_keeps_the_average(rank: int, world: int, sync: bool, schedule: str) -> tuple:
+    # (without BatchNorm for hypercube: forwards move its statistics, which spoils exactness)
+    model = GossipDataParallel(
+        _model(batchnorm=schedule != "hypercube"), sync=sync, schedule=schedule
+    )
+    _perturb_(model.module, rank)  # replicas now differ
+    before = _flat(model.module, buffers=False)  # forwards move BatchNorm's running statistics
+    dist.all_reduce(before)
+    start = model.consensus_distance()
+    x, _ = _batch(rank, 0)
+    for _ in range(6):  # gossip steps with no optimizer step: pure mixing
+        model(x)
+    model.flush()
+    after = _flat(model.module, buffers=False)
+    dist.all_reduce(after)
+    return (before - after).abs().max().item(), start, model.consensus_distance()
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("sync", [True, False])
+def test_mixing_preserves_the_average_and_pulls_replicas_together(world: int, sync: bool) -> None:
+    for err, start, end in run_world(_mixing_keeps_the_average, world, sync, "dissemination"):
+        assert err < 1e-5 * world
+        assert end < 0.2 * start
+
+
+def test_hypercube_mixing_reaches_the_exact_average() -> None:
+    for err, start, end in run_world(_mixing_keeps_the_average, 4, True, "hypercube"):
+        assert err < 1e-5
+        assert start > 0.1
+        assert end < 1e-6
+
+
+def _identical_data(rank: int, world: int, sync: bool, mode: str) -> list[float]:
+    model = GossipDataParallel(_model(seed=rank), sync=sync, mode=mode)  # broadcast from rank 0
+    _train(model, 12, rank=0)  # every rank sees the same batches
+    everyone = [torch.empty(0)] * world
+    dist.all_gather_object(everyone, _flat(model.module))
+    return [(everyone[0] - e).abs().max().item() for e in everyone]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize(
+    ("sync", "mode"), [(True, "params"), (False, "params"), (True, "gradients")]
+)
+def test_identical_data_keeps_replicas_identical(world: int, sync: bool, mode: str) -> None:
+    for diffs in run_world(_identical_data, world, sync, mode):
+        assert max(diffs) == 0.0
+
+
+def _mixed_dtypes(rank: int, world: int) -> tuple[float, float]:
+    module = nn.Sequential(nn.Linear(4, 4).double())
+    module.register_parameter("extra", nn.Parameter(torch.zeros(4, dtype=torch.bfloat16)))
+    model = GossipDataParallel(module, sync=True)
+    _perturb_(module, rank)
+    before = _flat(module)
+    dist.all_reduce(before)
+    model(torch.randn(2, 4, dtype=torch.float64))
+    model.flush()
+    after = _flat(module)
+    dist.all_reduce(after)
+    diff = (before - after).abs()  # the module's own "extra" comes first, then the Linear
+    return diff[4:].max().item(), diff[:4].max().item()
+
+
+def test_several_dtypes_are_mixed_each_in_its_own_precision() -> None:
+    for err64, err16 in run_world(_mixed_dtypes, 2):
+        assert err64 < 1e-12
+        assert err16 < 0.05  # bfloat16 has 8 bits of mantissa
+
+
+# --- traffic: one destination, one source, one model's worth of bytes, no collective ----------
+
+
+class _Recorder:
+    """Wraps torch.distributed's point-to-point and collective calls and records them."""
+
+    COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_object", "barrier")
+
+    def __init__(self, events: list[tuple]) -> None:
+        self.events = events
+        self.originals = {n: getattr(dist, n) for n in ("isend", "irecv", *self.COLLECTIVES)}
+
+    def __enter__(self) -> _Recorder:
+        for name, fn in self.originals.items():
+            setattr(dist, name, self._wrap(name, fn))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for name, fn in self.originals.items():
+            setattr(dist, name, fn)
+
+    def _wrap(self, name: str, fn: Any) -> Any:
+        events = self.events
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if name in ("isend", "irecv"):
+                tensor, peer = args[0], args[1]
+                events.append((name, peer, tensor.numel() * tensor.element_size()))
+                return _RecordedWork(fn(*args, **kwargs), events, name)
+            events.append((name,))
+            return fn(*args, **kwargs)
+
+        return call
+
+
+class _RecordedWork:
+    def __init__(self, work: Any, events: list[tuple], what: str) -> None:
+        self.work, self.events, self.what = work, events, what
+
+    def wait(self, *args: Any) -> Any:
+        out = self.work.wait(*args)
+        self.events.append(("wait", self.what))
+        return out
+
+
+def _traffic(rank: int, world: int, bucket_cap_mb: float) -> tuple[list[list[tuple]], int]:
+    model = GossipDataParallel(_model(), bucket_cap_mb=bucket_cap_mb)
+    model_bytes = sum(t.numel() * t.element_size() for t in model.module.state_dict().values())
+    per_step: list[list[tuple]] = []
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for t in range(8):
+        events: list[tuple] = []
+        with _Recorder(events):
+            x, y = _batch(rank, t)
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        per_step.append(events)
+    return per_step, model_bytes
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("bucket_cap_mb", [25.0, 0.0005])
+def test_each_step_sends_one_model_to_one_rank_and_receives_from_one(
+    world: int, bucket_cap_mb: float
+) -> None:
+    for rank, (steps, model_bytes) in enumerate(run_world(_traffic, world, bucket_cap_mb)):
+        for t, events in enumerate(steps):
+            sends = [e for e in events if e[0] == "isend"]
+            recvs = [e for e in events if e[0] == "irecv"]
+            assert len({e[1] for e in sends}) == 1, f"rank {rank} step {t}: {sends}"
+            assert len({e[1] for e in recvs}) == 1, f"rank {rank} step {t}: {recvs}"
+            assert rank not in {e[1] for e in sends + recvs}
+            assert sum(e[2] for e in sends) <= 1.05 * model_bytes
+            assert sum(e[2] for e in recvs) <= 1.05 * model_bytes
+            assert not [e for e in events if e[0] in _Recorder.COLLECTIVES]
+        if bucket_cap_mb < 0.001:
+            assert len([e for e in steps[0] if e[0] == "isend"]) > 1, "small cap: several buckets"
+
+
+def _order(rank: int, world: int) -> list[tuple]:
+    model = GossipDataParallel(_model())
+    events: list[tuple] = []
+    model.module[-1].register_full_backward_hook(lambda *a: events.append(("backward",)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with _Recorder(events):
+        for t in range(4):
+            events.append(("step", t))
+            x, y = _batch(rank, t)
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        model.flush()
+    return events
+
+
+def test_the_send_of_step_t_is_in_flight_while_step_t_backward_runs() -> None:
+    for events in run_world(_order, 2):
+        kinds = [e[0] for e in events]
+        sends = [i for i, k in enumerate(kinds) if k == "isend"]
+        backwards = [i for i, k in enumerate(kinds) if k == "backward"]
+        send_waits = [i for i, e in enumerate(events) if e == ("wait", "isend")]
+        assert len(sends) == len(backwards) == len(send_waits) == 4
+        for t in range(4):
+            # started before this step's backward, completed only after it
+            assert sends[t] < backwards[t] < send_waits[t], events
+            if t + 1 < 4:
+                assert send_waits[t] > events.index(("step", t + 1))
+
+
+# --- accuracy against the all-reduce baseline -----------------------------------------------
+
+
+def _teacher_task(seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(20, 5, generator=g)
+    x = torch.randn(6000, 20, generator=g)
+    y = (x @ w + 0.3 * torch.randn(6000, 5, generator=g)).argmax(dim=1)
+    return x[:4000], y[:4000], x[4000:], y[4000:]
+
+
+def _fit(rank: int, world: int, algo: str) -> float:
+    x, y, xt, yt = _teacher_task()
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 5))
+    model = gossipgrad.wrap(module, algo)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    shard = torch.arange(rank, len(x), world)
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(6):
+        order = shard[torch.randperm(len(shard), generator=g)]
+        for i in range(0, len(order), 25):
+            idx = order[i : i + 25]
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+            opt.zero_grad()
+    model.average_replicas()
+    with torch.no_grad():
+        return (module(xt).argmax(1) == yt).float().mean().item()
+
+
+def test_gossip_accuracy_is_within_one_point_of_allreduce() -> None:
+    allreduce = run_world(_fit, 4, "allreduce")[0]
+    gossip = run_world(_fit, 4, "gossip")[0]
+    assert allreduce > 0.85, "the task must be learnable for the comparison to mean anything"
+    assert abs(gossip - allreduce) <= 0.01, (gossip, allreduce)
+
+
+# --- world size 1 and no_sync ---------------------------------------------------------------
+
+
+def _alone(rank: int, world: int) -> list[tuple]:
+    model = GossipDataParallel(_model())
+    events: list[tuple] = []
+    with _Recorder(events):
+        _train(model, 3, rank)
+        model.average_replicas()
+        assert model.consensus_distance() == 0.0
+    return events
+
+
+def test_world_size_one_trains_without_communication() -> None:
+    assert run_world(_alone, 1) == [[]]
+
+
+def _no_sync(rank: int, world: int) -> list[tuple]:
+    model = GossipDataParallel(_model())
+    events: list[tuple] = []
+    with _Recorder(events), model.no_sync():
+        _train(model, 3, rank)
+    return events
+
+
+def test_no_sync_suppresses_gossip() -> None:
+    assert run_world(_no_sync, 2) == [[], []]
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+def test_uninitialised_process_group_is_a_clear_error() -> None:
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        GossipDataParallel(_model())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"mode": "weights"}, "mode must be one of"),
+        ({"schedule": "star"}, "schedule must be one of"),
+        ({"bucket_cap_mb": 0}, "bucket_cap_mb must be > 0"),
+        ({"timeout": 5}, "timeout must be a positive"),
+        ({"on_nonfinite": "ignore"}, "on_nonfinite must be one of"),
+    ],
+)
+def test_bad_options_are_named(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        GossipDataParallel(_model(), **kwargs)
+
+
+def _different_models(rank: int, world: int, how: str) -> str:
+    width = 16 if rank == 0 or how != "shape" else 8
+    module = nn.Sequential(nn.Linear(6, width), nn.Linear(width, 3))
+    if how == "count" and rank == 1:
+        module.append(nn.Linear(3, 3))
+    if how == "dtype" and rank == 1:
+        module.double()
+    try:
+        GossipDataParallel(module)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+@pytest.mark.parametrize(
+    ("how", "detail"),
+    [("shape", r"rank 1 has 0.weight \(8, 6\)"), ("count", "rank 1 has 6"), ("dtype", "float64")],
+)
+def test_replicas_that_differ_across_ranks_are_refused(how: str, detail: str) -> None:
+    for message in run_world(_different_models, 2, how):
+        assert "replicas differ across ranks" in message
+        assert pytest.importorskip("re").search(detail, message), message
+
+
+def _silent_partner(rank: int, world: int, sync: bool) -> str:
+    model = GossipDataParallel(_model(), sync=sync, timeout=timedelta(seconds=2))
+    if rank == 1:
+        time.sleep(10)  # alive but never joins a step
+        return "slept"
+    x, _ = _batch(rank, 0)
+    started = time.monotonic()
+    try:
+        model(x)
+        model(x)
+    except PeerError as exc:
+        assert exc.peer == 1
+        return f"{time.monotonic() - started:.1f}s {exc}"
+    return "no error"
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_a_partner_that_never_answers_is_named_after_the_timeout(sync: bool) -> None:
+    message = run_world(_silent_partner, 2, sync)[0]
+    assert "rank 1 did not answer within 2 s" in message, message
+    assert float(message.split("s ")[0]) < 8
+
+
+def _nan_from_rank_1(rank: int, world: int, on_nonfinite: str) -> tuple[str, bool]:
+    model = GossipDataParallel(
+        _model(), sync=True, on_nonfinite=on_nonfinite, timeout=timedelta(seconds=3)
+    )
+    if rank == 1:
+        with torch.no_grad():
+            model.module[0].weight[0, 0] = float("nan")
+    x, _ = _batch(rank, 0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model(x)
+        except (NonFiniteError, PeerError) as exc:
+            return f"{type(exc).__name__}: {exc}", False
+    finite = bool(torch.isfinite(_flat(model.module)).all())
+    return " | ".join(str(w.message) for w in caught), finite
+
+
+def test_nan_is_never_mixed_in_silently() -> None:
+    (msg0, finite0), (msg1, _) = run_world(_nan_from_rank_1, 2, "skip")
+    assert (
+        "NaN or inf in parameters received from rank 1 at gossip step 0" in msg0
+        and "skipping" in msg0
+    )
+    assert finite0, "rank 0 skipped the poisoned exchange"
+    assert "NaN or inf in its own parameters" in msg1
+
+    (msg0, _), (msg1, _) = run_world(_nan_from_rank_1, 2, "raise")
+    assert msg1.startswith("NonFiniteError: rank 1 found NaN or inf in its own parameters")
+    assert msg0.startswith("PeerError"), "rank 1 stopped before sending, and rank 0 says so"
+
+
+def _resume_state(rank: int, world: int) -> str:
+    model = GossipDataParallel(_model(), schedule="ring")
+    _train(model, 3, rank)
+    state = model.gossip_state()
+    fresh = GossipDataParallel(_model(), schedule="ring")
+    fresh.load_gossip_state(state)
+    assert fresh.step == 3
+    other = GossipDataParallel(_model(), schedule="dissemination")
+    try:
+        other.load_gossip_state(state)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_gossip_state_round_trips_and_refuses_another_schedule() -> None:
+    assert "schedule='ring'" in run_world(_resume_state, 2)[0]
