@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from datetime import timedelta
@@ -56,10 +57,12 @@ def _perturb_(module: nn.Module, rank: int) -> None:
 # --- mixing ---------------------------------------------------------------------------------
 
 
-def _mixing_keeps_the_average(rank: int, world: int, sync: bool, schedule: str) -> tuple:
+def _mixing_keeps_the_average(
+    rank: int, world: int, sync: bool, schedule: str, **options: Any
+) -> tuple:
     # (without BatchNorm for hypercube: forwards move its statistics, which spoils exactness)
     model = GossipDataParallel(
-        _model(batchnorm=schedule != "hypercube"), sync=sync, schedule=schedule
+        _model(batchnorm=schedule != "hypercube"), sync=sync, schedule=schedule, **options
     )
     _perturb_(model.module, rank)  # replicas now differ
     before = _flat(model.module, buffers=False)  # forwards move BatchNorm's running statistics
@@ -87,6 +90,16 @@ def test_hypercube_mixing_reaches_the_exact_average() -> None:
         assert err < 1e-5
         assert start > 0.1
         assert end < 1e-6
+
+
+@pytest.mark.parametrize("wire_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sync", [True, False])
+def test_compressed_payloads_still_keep_the_average(wire_dtype: torch.dtype, sync: bool) -> None:
+    fn = functools.partial(_mixing_keeps_the_average, wire_dtype=wire_dtype)
+    results = run_world(fn, 3, sync, "dissemination")
+    for err, start, end in results:
+        assert err < 1e-5 * 3  # float32 round-off only: the rounded payloads cancel out
+        assert end < 0.2 * start
 
 
 def _identical_data(rank: int, world: int, sync: bool, mode: str) -> list[float]:
@@ -172,8 +185,10 @@ class _RecordedWork:
         return out
 
 
-def _traffic(rank: int, world: int, bucket_cap_mb: float) -> tuple[list[list[tuple]], int]:
-    model = GossipDataParallel(_model(), bucket_cap_mb=bucket_cap_mb)
+def _traffic(
+    rank: int, world: int, bucket_cap_mb: float, **options: Any
+) -> tuple[list[list[tuple]], int]:
+    model = GossipDataParallel(_model(), bucket_cap_mb=bucket_cap_mb, **options)
     model_bytes = sum(t.numel() * t.element_size() for t in model.module.state_dict().values())
     per_step: list[list[tuple]] = []
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -185,6 +200,7 @@ def _traffic(rank: int, world: int, bucket_cap_mb: float) -> tuple[list[list[tup
             opt.step()
             opt.zero_grad()
         per_step.append(events)
+    model.flush()  # a rank must not exit with its last send in flight
     return per_step, model_bytes
 
 
@@ -205,6 +221,17 @@ def test_each_step_sends_one_model_to_one_rank_and_receives_from_one(
             assert not [e for e in events if e[0] in _Recorder.COLLECTIVES]
         if bucket_cap_mb < 0.001:
             assert len([e for e in steps[0] if e[0] == "isend"]) > 1, "small cap: several buckets"
+
+
+def test_bfloat16_on_the_wire_halves_the_bytes_and_streams_keep_one_partner() -> None:
+    fn = functools.partial(_traffic, wire_dtype=torch.bfloat16, streams=3)
+    for steps, model_bytes in run_world(fn, 3, 0.0001):
+        for events in steps:
+            sends = [e for e in events if e[0] == "isend"]
+            assert len({e[1] for e in sends}) == 1
+            assert len({e[1] for e in events if e[0] == "irecv"}) == 1
+            assert len(sends) > 3, "several buckets, spread over the streams"
+            assert sum(e[2] for e in sends) <= 0.55 * model_bytes
 
 
 def _order(rank: int, world: int) -> list[tuple]:

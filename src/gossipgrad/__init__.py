@@ -3,6 +3,7 @@
 from gossipgrad.allreduce import ALGOS, AllReduceDataParallel, wrap
 from gossipgrad.errors import GossipError, NonFiniteError, PeerError
 from gossipgrad.parallel import GossipDataParallel
+from gossipgrad.sampler import GossipShuffleDataset, GossipShuffleSampler, label_skew_shards
 from gossipgrad.schedule import SCHEDULES, partners, plan
 
 __all__ = [
@@ -11,8 +12,11 @@ __all__ = [
     "AllReduceDataParallel",
     "GossipDataParallel",
     "GossipError",
+    "GossipShuffleDataset",
+    "GossipShuffleSampler",
     "NonFiniteError",
     "PeerError",
+    "label_skew_shards",
     "partners",
     "plan",
     "wrap",

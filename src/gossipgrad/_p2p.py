@@ -19,7 +19,11 @@ import torch.distributed as dist
 
 from gossipgrad.errors import PeerError
 
-_TAG_STEPS = 1 << 16  # tags cycle every 65536 steps; they only need to tell nearby steps apart
+# A gloo tag (31 bits) = channel (3 bits) | step mod 4096 (12 bits) | bucket (16 bits): users of
+# the same group and peer (the engine, the sampler) never match each other's messages, and nearby
+# steps never match either.
+CHANNELS = {"engine": 0, "sampler": 1}
+_STEP_BITS, _BUCKET_BITS = 12, 16
 
 
 @dataclass
@@ -46,9 +50,17 @@ def start(
     recv_from: int | None,
     step: int,
     group: dist.ProcessGroup,
+    channel: str = "engine",
+    streams: list[dist.ProcessGroup] | None = None,
 ) -> InFlight:
     """Start sending each of ``sends`` to ``send_to`` and receiving ``recvs`` from ``recv_from``
-    (group ranks; ``None`` for no message). Returns at once; ``InFlight.wait`` completes it."""
+    (group ranks; ``None`` for no message). Returns at once; ``InFlight.wait`` completes it.
+
+    ``streams``: groups with the same ranks as ``group`` (each has its own connections, so its own
+    TCP stream per pair on gloo); buffer ``b`` travels on ``streams[b % len(streams)]``."""
+    if len(sends) >= 1 << _BUCKET_BITS:
+        raise ValueError(f"at most {1 << _BUCKET_BITS} buffers per exchange, got {len(sends)}")
+    lanes = streams or [group]
     dst = None if send_to is None else dist.get_global_rank(group, send_to)
     src = None if recv_from is None else dist.get_global_rank(group, recv_from)
     works: list[tuple[dist.Work, str, int]] = []
@@ -64,21 +76,32 @@ def start(
             assert peer is not None
             works = [(w, "exchange with", peer) for w in dist.batch_isend_irecv(ops)]
         return InFlight(works, step)
-    base = (step % _TAG_STEPS) * len(sends)
+    base = (CHANNELS[channel] << (_STEP_BITS + _BUCKET_BITS)) | (
+        (step % (1 << _STEP_BITS)) << _BUCKET_BITS
+    )
     for b, (s, r) in enumerate(zip(sends, recvs, strict=True)):
+        lane = lanes[b % len(lanes)]
+        posts = []
         if src is not None and recv_from is not None:
-            works.append((dist.irecv(r, src, group=group, tag=base + b), "receive from", recv_from))
+            posts.append((dist.irecv, r, src, "receive from", recv_from))
         if dst is not None and send_to is not None:
-            works.append((dist.isend(s, dst, group=group, tag=base + b), "send to", send_to))
+            posts.append((dist.isend, s, dst, "send to", send_to))
+        for post, tensor, peer_global, what, peer in posts:
+            try:
+                work = post(tensor, peer_global, group=lane, tag=base + b)
+            except RuntimeError as exc:  # the connection was already gone
+                rank = dist.get_rank(group)
+                raise PeerError(_explain(exc, what, peer, rank, step, None), peer) from exc
+            works.append((work, what, peer))
     return InFlight(works, step)
 
 
 def _explain(
-    exc: Exception | None, what: str, peer: int, rank: int, step: int, timeout: timedelta
+    exc: Exception | None, what: str, peer: int, rank: int, step: int, timeout: timedelta | None
 ) -> str:
     cause = f" ({exc})" if exc is not None else ""
     text = str(exc or "").lower()
-    if "timeout" in text or "timed out" in text or exc is None:
+    if timeout is not None and ("timeout" in text or "timed out" in text or exc is None):
         why = f"rank {peer} did not answer within {timeout.total_seconds():.0f} s"
         fix = (
             f"check that rank {peer} is alive and at the same step; raise the timeout "

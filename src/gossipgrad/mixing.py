@@ -36,9 +36,12 @@ class Bucket:
         return self.send.numel() * self.send.element_size()
 
 
-def make_buckets(tensors: Sequence[torch.Tensor], cap_bytes: int) -> list[Bucket]:
+def make_buckets(
+    tensors: Sequence[torch.Tensor], cap_bytes: int, wire_dtype: torch.dtype | None = None
+) -> list[Bucket]:
     """Group ``tensors`` (in order) into buckets of at most ``cap_bytes`` (a single larger tensor
-    gets a bucket of its own), never mixing dtypes or devices within a bucket."""
+    gets a bucket of its own), never mixing dtypes or devices within a bucket. With
+    ``wire_dtype``, the buffers of floating-point tensors hold that dtype (compressed payloads)."""
     groups: list[list[int]] = []
     sizes: list[int] = []
     keys: list[tuple[torch.dtype, torch.device]] = []
@@ -59,6 +62,8 @@ def make_buckets(tensors: Sequence[torch.Tensor], cap_bytes: int) -> list[Bucket
     for idx, (dtype, device) in zip(groups, keys, strict=True):
         numels = [tensors[i].numel() for i in idx]
         total = sum(numels)
+        if wire_dtype is not None and dtype.is_floating_point:
+            dtype = wire_dtype
         buckets.append(
             Bucket(
                 indices=idx,
@@ -89,6 +94,8 @@ def pack_(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 @torch.no_grad()
 def mix_(tensors: Sequence[torch.Tensor], received: torch.Tensor, weight: float) -> None:
     """Synchronous mixing: ``x <- (1 - w) x + w r`` for each tensor ``x``."""
+    if tensors and received.dtype != tensors[0].dtype:
+        received = received.to(tensors[0].dtype)
     torch._foreach_lerp_(list(tensors), views(received, tensors), weight)
 
 
@@ -96,8 +103,15 @@ def mix_(tensors: Sequence[torch.Tensor], received: torch.Tensor, weight: float)
 def mix_residual_(
     tensors: Sequence[torch.Tensor], sent: torch.Tensor, received: torch.Tensor, weight: float
 ) -> None:
-    """Overlapped mixing: ``x <- x + w (r - s)``; ``sent`` is overwritten with ``w (r - s)``."""
-    delta = sent.neg_().add_(received).mul_(weight)
+    """Overlapped mixing: ``x <- x + w (r - s)``; ``sent`` may be overwritten.
+
+    Summed over ranks the changes cancel (every snapshot is sent once and received once), so the
+    average is kept even when ``s`` and ``r`` were rounded to a narrower wire dtype."""
+    dtype = tensors[0].dtype if tensors else sent.dtype
+    if sent.dtype == dtype:
+        delta = sent.neg_().add_(received).mul_(weight)
+    else:  # compressed payloads: subtract in the parameters' precision, where it is exact
+        delta = received.to(dtype).sub_(sent.to(dtype)).mul_(weight)
     torch._foreach_add_(list(tensors), views(delta, tensors))
 
 

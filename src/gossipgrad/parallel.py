@@ -45,11 +45,12 @@ from torch import nn
 
 from gossipgrad import _p2p
 from gossipgrad.consensus import average_, broadcast_, consensus_distance
-from gossipgrad.errors import NonFiniteError
+from gossipgrad.errors import NonFiniteError, PeerError
 from gossipgrad.mixing import Bucket, is_finite, make_buckets, mix_, mix_residual_, pack_
 from gossipgrad.schedule import SCHEDULES, Exchange, plan
 
 MODES = ("params", "gradients")
+WIRE_DTYPES = (None, torch.bfloat16, torch.float16)
 ON_NONFINITE = ("raise", "skip")
 
 
@@ -67,6 +68,11 @@ class GossipDataParallel(nn.Module):
         timeout: how long to wait for a partner before raising ``PeerError``.
         on_nonfinite: ``"raise"`` a ``NonFiniteError`` on NaN/inf in local or received
             parameters, or ``"skip"`` mixing that bucket with a warning.
+        wire_dtype: send floating-point payloads in this dtype (``torch.bfloat16`` or
+            ``torch.float16``: half the bytes); mixing still accumulates in the parameters' dtype
+            and keeps the replicas' average.
+        streams: how many connections per partner to spread the buckets over (gloo: one TCP
+            stream each; NCCL ignores it). More than one helps fill fast links.
     """
 
     def __init__(
@@ -81,9 +87,11 @@ class GossipDataParallel(nn.Module):
         process_group: dist.ProcessGroup | None = None,
         timeout: timedelta = timedelta(minutes=5),
         on_nonfinite: str = "raise",
+        wire_dtype: torch.dtype | None = None,
+        streams: int = 1,
     ) -> None:
         super().__init__()
-        _validate(mode, schedule, bucket_cap_mb, timeout, on_nonfinite)
+        _validate(mode, schedule, bucket_cap_mb, timeout, on_nonfinite, wire_dtype, streams)
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "GossipDataParallel needs torch.distributed initialised: call "
@@ -111,7 +119,8 @@ class GossipDataParallel(nn.Module):
         cap = int(bucket_cap_mb * 2**20)
         everything = list(module.parameters()) + list(module.buffers())
         broadcast_(everything, make_buckets(everything, cap), self.group)
-        self._buckets: list[Bucket] = make_buckets(self._mixed_tensors(), cap)
+        self._buckets: list[Bucket] = make_buckets(self._mixed_tensors(), cap, wire_dtype)
+        self._streams = _extra_groups(self.group, streams)
         self._all_float = list(module.parameters()) + _float_buffers(module)
         self._avg_buckets = (
             self._buckets if mode == "params" else make_buckets(self._all_float, cap)
@@ -125,12 +134,19 @@ class GossipDataParallel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._should_gossip():
-            if self.mode == "params":
-                self._gossip_params()
-            else:
-                self._grad_due = True
-            self.step += 1
+            self.gossip_step()
         return self.module(*args, **kwargs)
+
+    def gossip_step(self) -> None:
+        """One gossip step, as a training forward does before computing: in ``params`` mode,
+        mix the previous exchange in and start this step's; in ``gradients`` mode, arm the
+        exchange of the coming backward. For wrappers that compose the engine with other
+        parallelism (``gossipgrad.hierarchical``); a plain training loop never calls it."""
+        if self.mode == "params":
+            self._gossip_params()
+        else:
+            self._grad_due = True
+        self.step += 1
 
     def _should_gossip(self) -> bool:
         return (
@@ -148,10 +164,9 @@ class GossipDataParallel(nn.Module):
             pack_(b.send, [tensors[i] for i in b.indices])
         if ex.send_to is not None:
             self._check_finite("local", [b.send for b in self._buckets], self.rank)
-        inflight = self._start(ex)
-        self._pending = (inflight, ex)
+        self._pending = (self._start(ex), ex)
         if self.sync:
-            self._finish(residual=False)
+            self.flush()
 
     def _start(self, ex: Exchange) -> _p2p.InFlight:
         inflight = _p2p.start(
@@ -161,35 +176,37 @@ class GossipDataParallel(nn.Module):
             ex.recv_from,
             self.step,
             self.group,
+            streams=self._streams,
         )
         self.bytes_sent_last_step = (
             sum(b.nbytes for b in self._buckets) if ex.send_to is not None else 0
         )
         return inflight
 
-    def _finish(self, residual: bool) -> None:
-        """Wait for the pending exchange and mix what it brought."""
-        assert self._pending is not None
+    def flush(self) -> None:
+        """Complete the exchange in flight, if any, and mix it in now rather than at the next
+        forward (the result is the same). Call before evaluating or saving a replica.
+
+        Mixing is always in residual form ``x <- x + w (r - s)``: right after the snapshot
+        (``sync=True``) ``x == s`` and it equals ``(1 - w) x + w r``; with a compressed wire
+        dtype it still keeps the average exactly."""
+        if self._pending is None:
+            return
         inflight, ex = self._pending
         self._pending = None
-        inflight.wait(self.timeout, self.rank)
+        self._wait(inflight)
         if ex.recv_from is None:
             return
         tensors = self._mixed_tensors()
         for b in self._buckets:
-            if not self._check_finite("received", [b.recv], ex.recv_from, inflight.step):
-                continue
-            own = [tensors[i] for i in b.indices]
-            if residual:
-                mix_residual_(own, b.send, b.recv, ex.weight)
-            else:
-                mix_(own, b.recv, ex.weight)
+            if self._check_finite("received", [b.recv], ex.recv_from, inflight.step):
+                mix_residual_([tensors[i] for i in b.indices], b.send, b.recv, ex.weight)
 
-    def flush(self) -> None:
-        """Complete the exchange in flight, if any, and mix it in now rather than at the next
-        forward (the result is the same). Call before evaluating or saving a replica."""
-        if self._pending is not None:
-            self._finish(residual=True)
+    def _wait(self, inflight: _p2p.InFlight) -> None:
+        try:
+            inflight.wait(self.timeout, self.rank)
+        except PeerError as exc:
+            raise PeerError(_first_loss(exc, self.rank, inflight.step), exc.peer) from exc
 
     # --- gradients mode ----------------------------------------------------------------------
 
@@ -204,7 +221,7 @@ class GossipDataParallel(nn.Module):
         ex = plan(self.rank, self.step - 1, self.world_size, self.seed, self.schedule)
         for b in self._buckets:
             pack_(b.send, [grads[i] for i in b.indices])
-        self._start(ex).wait(self.timeout, self.rank)
+        self._wait(self._start(ex))
         if ex.recv_from is None:
             return
         for b in self._buckets:
@@ -280,7 +297,13 @@ def _float_buffers(module: nn.Module) -> list[torch.Tensor]:
 
 
 def _validate(
-    mode: str, schedule: str, bucket_cap_mb: float, timeout: timedelta, on_nonfinite: str
+    mode: str,
+    schedule: str,
+    bucket_cap_mb: float,
+    timeout: timedelta,
+    on_nonfinite: str,
+    wire_dtype: torch.dtype | None,
+    streams: int,
 ) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -292,6 +315,35 @@ def _validate(
         raise ValueError(f"timeout must be a positive datetime.timedelta, got {timeout!r}")
     if on_nonfinite not in ON_NONFINITE:
         raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
+    if wire_dtype not in WIRE_DTYPES:
+        raise ValueError(
+            f"wire_dtype must be None, torch.bfloat16 or torch.float16, got {wire_dtype!r}"
+        )
+    if not isinstance(streams, int) or not 1 <= streams <= 16:
+        raise ValueError(f"streams must be an integer in [1, 16], got {streams!r}")
+
+
+def _extra_groups(group: dist.ProcessGroup, streams: int) -> list[dist.ProcessGroup] | None:
+    """``streams`` groups over the same ranks (the first is ``group``); collective."""
+    if streams == 1 or dist.get_world_size(group) == 1:
+        return None
+    ranks = dist.get_process_group_ranks(group)
+    return [group] + [dist.new_group(ranks) for _ in range(streams - 1)]
+
+
+def _first_loss(exc: PeerError, rank: int, step: int) -> str:
+    """Record in the job's store that this rank lost ``exc.peer`` (unless a loss was already
+    recorded), and add the first recorded loss to the message: when one rank dies, the ranks
+    that fail after it, in cascade, still name the rank that was lost first."""
+    mine = f"{exc.peer}:{rank}:{step}"
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=5))
+        first = store.compare_set("gossipgrad/first_loss", "", mine).decode()
+    except Exception:  # noqa: BLE001 - the store may be gone with the job; the message stands
+        return str(exc)
+    lost, seen_by, at = first.split(":") if first.count(":") == 2 else (exc.peer, rank, step)
+    return f"{exc} [first loss in this job: rank {lost}, seen by rank {seen_by} at step {at}]"
 
 
 def _check_device(module: nn.Module, group: dist.ProcessGroup) -> None:
