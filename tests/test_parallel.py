@@ -62,7 +62,10 @@ def _mixing_keeps_the_average(
 ) -> tuple:
     # (without BatchNorm for hypercube: forwards move its statistics, which spoils exactness)
     model = GossipDataParallel(
-        _model(batchnorm=schedule != "hypercube"), sync=sync, schedule=schedule, **options
+        _model(batchnorm=schedule not in ("hypercube", "exact")),
+        sync=sync,
+        schedule=schedule,
+        **options,
     )
     _perturb_(model.module, rank)  # replicas now differ
     before = _flat(model.module, buffers=False)  # forwards move BatchNorm's running statistics
@@ -85,8 +88,10 @@ def test_mixing_preserves_the_average_and_pulls_replicas_together(world: int, sy
         assert end < 0.2 * start
 
 
-def test_hypercube_mixing_reaches_the_exact_average() -> None:
-    for err, start, end in run_world(_mixing_keeps_the_average, 4, True, "hypercube"):
+@pytest.mark.parametrize(("world", "schedule"), [(4, "hypercube"), (3, "exact")])
+def test_exact_schedules_reach_the_exact_average(world: int, schedule: str) -> None:
+    # 6 steps are whole periods: 3 of hypercube's 2 steps at p = 4, 2 of exact's 3 at p = 3
+    for err, start, end in run_world(_mixing_keeps_the_average, world, True, schedule):
         assert err < 1e-5
         assert start > 0.1
         assert end < 1e-6
