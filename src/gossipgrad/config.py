@@ -1,0 +1,300 @@
+"""The options of ``gossipgrad train``, validated in one place.
+
+    cfg = load_config(["--lr", "0.1"])             # defaults < --config FILE.toml < command line
+    cfg = TrainConfig(lr=0.1).validate()           # in code: ConfigError on a bad value
+
+Every option is a field of ``TrainConfig`` with its help text; the command-line parser and the
+TOML reader are generated from the fields, so ``--help`` lists every option with its default, and
+a TOML file takes the same names (``batch_size`` or ``batch-size``). ``validate`` checks each
+value and raises ``ConfigError`` with one line naming the option and the allowed range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from gossipgrad.data import DATASETS, import_callable
+from gossipgrad.models import MODELS
+from gossipgrad.schedule import SCHEDULES
+
+ALGOS = ("gossip", "allreduce", "both")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+MODES = ("params", "gradients")
+ON_NONFINITE = ("raise", "skip")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A bad option value; the message is one line naming the option and what is allowed."""
+
+
+def _opt(
+    help: str, *, choices: tuple[str, ...] | None = None, shown: str | None = None
+) -> dict[str, Any]:
+    """Field metadata: help text, allowed values, and the default as ``--help`` shows it."""
+    return {"help": help, "choices": choices, "shown": shown}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every option of ``gossipgrad train`` (and ``python -m gossipgrad.train`` under torchrun)."""
+
+    # --- what to run
+    algo: str = field(
+        default="both",
+        metadata=_opt("both: one run of each, then a comparison table", choices=ALGOS),
+    )
+    nproc: int = field(default=4, metadata=_opt("local worker processes (ignored under torchrun)"))
+    max_restarts: int = field(
+        default=0, metadata=_opt("times the launcher restarts failed workers (torch elastic)")
+    )
+    dataset: str = field(
+        default="digits",
+        metadata=_opt(f"{', '.join(DATASETS)}, or your own as module:function"),
+    )
+    model: str = field(
+        default="auto",
+        metadata=_opt(
+            f"auto (the dataset's default), {', '.join(MODELS)}, or your own as module:function"
+        ),
+    )
+    device: str = field(
+        default="auto",
+        metadata=_opt("cpu (gloo), cuda (NCCL, one GPU per rank), or auto", choices=DEVICES),
+    )
+    # --- optimisation
+    epochs: int = field(default=15, metadata=_opt("passes over the training set"))
+    batch_size: int = field(default=32, metadata=_opt("samples per step on each rank"))
+    lr: float = field(default=0.05, metadata=_opt("learning rate"))
+    momentum: float = field(default=0.9, metadata=_opt("SGD momentum (adam: beta1)"))
+    weight_decay: float = field(default=0.0, metadata=_opt("weight decay"))
+    optimizer: str = field(
+        default="sgd", metadata=_opt("each rank's own optimizer", choices=OPTIMIZERS)
+    )
+    seed: int = field(default=0, metadata=_opt("seeds the model, data split, sampler, schedule"))
+    # --- gossip
+    schedule: str = field(
+        default="dissemination", metadata=_opt("gossip partner schedule", choices=SCHEDULES)
+    )
+    sync: bool = field(
+        default=False, metadata=_opt("wait for each exchange instead of overlapping it")
+    )
+    mode: str = field(
+        default="params", metadata=_opt("what gossip mixes with the partner", choices=MODES)
+    )
+    shuffle_fraction: float = field(
+        default=0.25,
+        metadata=_opt("share of its samples a rank passes to its partner each epoch (0 to 1)"),
+    )
+    bucket_mb: float = field(default=25.0, metadata=_opt("largest message, in MiB"))
+    on_nonfinite: str = field(
+        default="raise",
+        metadata=_opt("on NaN/inf parameters: raise, or skip that exchange", choices=ON_NONFINITE),
+    )
+    timeout_s: float = field(
+        default=300.0, metadata=_opt("seconds to wait for a peer before failing")
+    )
+    # --- length, logging, checkpoints
+    max_steps: int = field(default=0, metadata=_opt("stop after this many steps (0: no cap)"))
+    log_every: int = field(default=10, metadata=_opt("steps between metric records"))
+    consensus_every: int = field(
+        default=10, metadata=_opt("steps between consensus-distance measurements (0: never)")
+    )
+    checkpoint_every: int = field(default=0, metadata=_opt("steps between checkpoints (0: none)"))
+    keep_checkpoints: int = field(default=3, metadata=_opt("checkpoints kept (the latest ones)"))
+    resume: str = field(
+        default="",
+        metadata=_opt(
+            "continue from a checkpoint: auto (the latest in --out, if any) or PATH",
+            shown="no resume",
+        ),
+    )
+    out: str = field(default="", metadata=_opt("run folder", shown="runs/<date-time>"))
+    quiet: bool = field(default=False, metadata=_opt("no progress bar"))
+    tensorboard: bool = field(
+        default=False, metadata=_opt("also log to TensorBoard (needs the tensorboard package)")
+    )
+
+    def validate(self) -> TrainConfig:
+        """Return ``self`` if every value is allowed, else raise ``ConfigError``."""
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type)
+            choices = f.metadata.get("choices")
+            if choices is not None and getattr(self, f.name) not in choices:
+                raise ConfigError(
+                    f"{flag(f.name)} must be one of {', '.join(choices)}, "
+                    f"got {getattr(self, f.name)!r}"
+                )
+        _at_least(self, "nproc", 1)
+        _at_least(self, "max_restarts", 0)
+        _at_least(self, "epochs", 1)
+        _at_least(self, "batch_size", 1)
+        _positive(self, "lr")
+        _in_range(self, "momentum", 0.0, 1.0, upper_open=True)
+        _at_least(self, "weight_decay", 0.0)
+        _in_range(self, "shuffle_fraction", 0.0, 1.0)
+        _positive(self, "bucket_mb")
+        _positive(self, "timeout_s")
+        _at_least(self, "max_steps", 0)
+        _at_least(self, "log_every", 1)
+        _at_least(self, "consensus_every", 0)
+        _at_least(self, "checkpoint_every", 0)
+        _at_least(self, "keep_checkpoints", 1)
+        if not self.dataset:
+            raise ConfigError(f"--dataset must be one of {', '.join(DATASETS)} or module:function")
+        if ":" not in self.dataset and self.dataset not in DATASETS:
+            raise ConfigError(
+                f"--dataset must be one of {', '.join(DATASETS)} or module:function, "
+                f"got {self.dataset!r}"
+            )
+        if ":" not in self.model and self.model not in ("auto", *MODELS):
+            raise ConfigError(
+                f"--model must be auto, one of {', '.join(MODELS)}, or module:function, "
+                f"got {self.model!r}"
+            )
+        for option in ("dataset", "model"):
+            spec = getattr(self, option)
+            if ":" in spec:
+                try:
+                    import_callable(spec, option)
+                except ValueError as error:
+                    raise ConfigError(f"{flag(option)}: {error}") from None
+        if self.tensorboard and not _has_tensorboard():
+            raise ConfigError(
+                "--tensorboard needs the tensorboard package: pip install 'gossipgrad[tensorboard]'"
+            )
+        return self
+
+    def algos(self) -> tuple[str, ...]:
+        """The algorithms to run, in order."""
+        return ("gossip", "allreduce") if self.algo == "both" else (self.algo,)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def flag(name: str) -> str:
+    """``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def load_config(argv: list[str], prog: str = "gossipgrad train") -> TrainConfig:
+    """Parse ``argv`` (with ``--config FILE.toml``) into a validated ``TrainConfig``. A bad value
+    prints one line ``gossipgrad: error: ...`` and exits with status 2."""
+    parser = build_parser(prog)
+    args = vars(parser.parse_args(argv))
+    try:
+        values = read_toml(args.pop("config")) if "config" in args else {}
+        values.update(args)
+        cfg = replace(TrainConfig(), **values)
+        return cfg.validate()
+    except ConfigError as error:
+        parser.error(str(error))
+        raise  # unreachable: parser.error exits
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The options in a TOML file, as ``TrainConfig`` field names (``-`` read as ``_``)."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as error:
+        raise ConfigError(f"--config: cannot read {str(path)!r}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"--config: {str(path)!r} is not valid TOML: {error}") from None
+    names = {f.name for f in fields(TrainConfig)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in names:
+            allowed = ", ".join(sorted(names))
+            raise ConfigError(f"--config: unknown key {key!r} in {str(path)!r}; allowed: {allowed}")
+        kind = next(str(f.type) for f in fields(TrainConfig) if f.name == name)
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        values[name] = float(value) if kind == "float" and is_int else value
+    return values
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors on one line: ``gossipgrad: error: ...`` and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"gossipgrad: error: {message}\n")
+        sys.exit(2)
+
+
+def build_parser(prog: str = "gossipgrad train") -> argparse.ArgumentParser:
+    """The command-line parser generated from ``TrainConfig``'s fields. Options not given on the
+    command line are absent from the result, so a TOML file can set them."""
+    parser = _Parser(
+        prog=prog,
+        description="Train a model data-parallel with gossip (GossipGraD) and/or all-reduce.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument(
+        "--config", metavar="FILE.toml", help="read options from a TOML file (command line wins)"
+    )
+    for f in fields(TrainConfig):
+        default = f.default if f.default is not MISSING else None
+        shown = f.metadata.get("shown") or default
+        text = f"{f.metadata['help']} (default: {shown})"
+        choices = f.metadata.get("choices")
+        metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
+        if f.type == "bool":
+            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, help=text)
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            parser.add_argument(flag(f.name), type=kind, metavar=metavar, help=text)
+    return parser
+
+
+# --- checks -------------------------------------------------------------------------------------
+
+
+def _check_type(name: str, value: Any, kind: Any) -> None:
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+    }[str(kind)]
+    if not ok:
+        raise ConfigError(f"{flag(name)} must be {kind}, got {value!r}")
+    if str(kind) == "float" and not math.isfinite(value):
+        raise ConfigError(f"{flag(name)} must be a finite number, got {value!r}")
+
+
+def _at_least(cfg: TrainConfig, name: str, low: float) -> None:
+    value = getattr(cfg, name)
+    if value < low:
+        raise ConfigError(f"{flag(name)} must be >= {low:g}, got {value:g}")
+
+
+def _positive(cfg: TrainConfig, name: str) -> None:
+    value = getattr(cfg, name)
+    if not value > 0:
+        raise ConfigError(f"{flag(name)} must be > 0, got {value:g}")
+
+
+def _in_range(
+    cfg: TrainConfig, name: str, low: float, high: float, upper_open: bool = False
+) -> None:
+    value = getattr(cfg, name)
+    if not (low <= value < high if upper_open else low <= value <= high):
+        closing = ")" if upper_open else "]"
+        raise ConfigError(f"{flag(name)} must be in [{low:g}, {high:g}{closing}, got {value:g}")
+
+
+def _has_tensorboard() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None

@@ -1,0 +1,100 @@
+"""Where a run's measurements go while it trains: a JSONL file, a live bar, TensorBoard.
+
+    log = MetricsLog(run_dir, algo="gossip", total_steps=500, quiet=False, tensorboard=False)
+    log.advance()                                    # one training step done
+    log.record({"step": 10, "loss": 0.5, ...})       # one line of metrics.jsonl
+    log.close()
+
+Only rank 0 makes one (the records are already reduced over ranks). ``history`` is every record
+so far; a resumed run passes the checkpoint's history, and ``metrics.jsonl`` is rewritten from it,
+so the file continues exactly where the checkpoint was taken.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+_BAR_KEYS = {"loss": "loss", "acc": "acc", "consensus": "cons", "samples_per_s": "samples/s"}
+
+
+class MetricsLog:
+    """A JSONL file of records, a tqdm bar with the latest ones, and optionally TensorBoard."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        algo: str,
+        total_steps: int,
+        start_step: int = 0,
+        history: list[dict[str, Any]] | None = None,
+        quiet: bool = False,
+        tensorboard: bool = False,
+    ) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.history: list[dict[str, Any]] = list(history or [])
+        self._file = open(run_dir / METRICS_FILE, "w")  # noqa: SIM115 - closed in close()
+        for record in self.history:
+            self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        self._bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc=algo,
+            unit="step",
+            disable=quiet,
+            dynamic_ncols=True,
+            leave=True,
+        )
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step)
+
+    def advance(self, steps: int = 1) -> None:
+        self._bar.update(steps)
+
+    def record(self, record: dict[str, Any]) -> None:
+        """Keep ``record`` (step, epoch, time, loss, acc, consensus, samples_per_s, ...)."""
+        self.history.append(record)
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        shown = {
+            short: _short(record[key])
+            for key, short in _BAR_KEYS.items()
+            if record.get(key) is not None
+        }
+        self._bar.set_postfix(shown, refresh=False)
+        if self._tb is not None:
+            for key, value in record.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, record["step"])
+
+    def write(self, message: str) -> None:
+        """Print a line without breaking the bar."""
+        self._bar.write(message)
+
+    def close(self) -> None:
+        self._bar.close()
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)

@@ -1,0 +1,156 @@
+"""The end-of-run comparison: a side-by-side table, a report image and a JSON summary.
+
+    write_report(Path("runs/x"))   # reads runs/x/<algo>/{summary.json,metrics.jsonl}
+    # -> runs/x/report.png, runs/x/summary.json; format_table(...) gives the printed table
+
+The image (matplotlib, Agg backend, no display needed) shows the training loss and accuracy
+against step and against wall time for each algorithm, and the consensus distance over time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from gossipgrad.metrics import read_metrics
+
+REPORT_IMAGE = "report.png"
+SUMMARY_FILE = "summary.json"
+_ORDER = ("gossip", "allreduce")
+_COLORS = {"gossip": "tab:blue", "allreduce": "tab:orange"}
+_LABELS = {"gossip": "gossip", "allreduce": "all-reduce"}
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON, atomically (a reader never sees half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_summaries(out: Path) -> dict[str, dict[str, Any]]:
+    """``{algo: summary}`` for every algorithm that has finished in run folder ``out``."""
+    found = {}
+    for algo in _ORDER:
+        path = out / algo / SUMMARY_FILE
+        if path.is_file():
+            found[algo] = json.loads(path.read_text())
+    return found
+
+
+def format_table(summaries: dict[str, dict[str, Any]]) -> str:
+    """The comparison table, one column per algorithm."""
+    rows: list[tuple[str, Any]] = [
+        ("test accuracy (averaged model)", lambda s: f"{s['test_accuracy']:.2%}"),
+        ("test loss", lambda s: f"{s['test_loss']:.4f}"),
+        ("wall time", lambda s: f"{s['train_time_s']:.1f} s"),
+        ("bytes sent / rank / step", lambda s: _bytes(s["bytes_per_rank_per_step"])),
+        ("consensus distance (end)", lambda s: f"{s['consensus_distance']:.2e}"),
+        ("samples / s", lambda s: f"{s['samples_per_s']:,.0f}"),
+        ("steps", lambda s: f"{s['steps']}"),
+    ]
+    algos = list(summaries)
+    cells = [[name] + [fmt(summaries[a]) for a in algos] for name, fmt in rows]
+    header = [""] + [_LABELS.get(a, a) for a in algos]
+    widths = [max(len(r[i]) for r in [header, *cells]) for i in range(len(header))]
+    lines = [_row(header, widths), _row(["-" * w for w in widths], widths)]
+    lines += [_row(r, widths) for r in cells]
+    first = next(iter(summaries.values()), None)
+    if first is not None:
+        lines.insert(0, setting(first))
+    return "\n".join(lines)
+
+
+def setting(summary: dict[str, Any]) -> str:
+    """``digits, mlp, 4 ranks``."""
+    world = summary["world_size"]
+    return f"{summary['dataset']}, {summary['model']}, {world} rank{'' if world == 1 else 's'}"
+
+
+def write_report(out: Path) -> dict[str, Any]:
+    """Write ``report.png`` and ``summary.json`` in run folder ``out``; return the summary."""
+    summaries = read_summaries(out)
+    if not summaries:
+        raise FileNotFoundError(f"no finished run in {str(out)!r} (no <algo>/{SUMMARY_FILE})")
+    records = {algo: read_metrics(out / algo) for algo in summaries}
+    plot_report(records, summaries, out / REPORT_IMAGE)
+    summary = {"runs": summaries, "report": REPORT_IMAGE, "table": format_table(summaries)}
+    write_json(out / SUMMARY_FILE, summary)
+    return summary
+
+
+def plot_report(
+    records: dict[str, list[dict[str, Any]]], summaries: dict[str, dict[str, Any]], path: Path
+) -> None:
+    """Loss and accuracy against step and wall time, consensus distance over time, the table."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9), layout="constrained")
+    panels = [
+        (axes[0, 0], "step", "loss", "training loss"),
+        (axes[0, 1], "time", "loss", "training loss"),
+        (axes[1, 0], "step", "acc", "training accuracy"),
+        (axes[1, 1], "time", "acc", "training accuracy"),
+    ]
+    for ax, x_key, y_key, title in panels:
+        for algo, recs in records.items():
+            xs, ys = _series(recs, x_key, y_key)
+            ax.plot(xs, ys, color=_COLORS.get(algo), label=_LABELS.get(algo, algo), lw=1.6)
+        ax.set_title(f"{title} vs {'wall time' if x_key == 'time' else 'step'}")
+        ax.set_xlabel("wall time (s)" if x_key == "time" else "step")
+        ax.set_ylabel(y_key if y_key == "loss" else "accuracy")
+        if y_key == "loss":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+
+    ax = axes[0, 2]
+    for algo, recs in records.items():
+        xs, ys = _series(recs, "time", "consensus")
+        positive = [(x, y) for x, y in zip(xs, ys, strict=True) if y > 0]
+        label = _LABELS.get(algo, algo)
+        if positive:
+            ax.plot(*zip(*positive, strict=True), color=_COLORS.get(algo), label=label, lw=1.6)
+        elif xs:
+            ax.plot([], [], color=_COLORS.get(algo), label=f"{label}: 0 (replicas identical)")
+    ax.set_yscale("log")
+    ax.set_title("consensus distance ||x_i - mean|| / ||mean||")
+    ax.set_xlabel("wall time (s)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+
+    ax = axes[1, 2]
+    ax.axis("off")
+    ax.text(0.0, 0.95, format_table(summaries), family="monospace", fontsize=10, va="top")
+    first = next(iter(summaries.values()))
+    fig.suptitle(f"gossipgrad: gossip vs all-reduce ({setting(first)})", fontsize=14)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _series(records: list[dict[str, Any]], x_key: str, y_key: str) -> tuple[list, list]:
+    pairs = [
+        (r[x_key], r[y_key])
+        for r in records
+        if r.get(y_key) is not None and math.isfinite(r[y_key])
+    ]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _row(cells: list[str], widths: list[int]) -> str:
+    first = cells[0].ljust(widths[0])
+    return "  ".join([first] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)])

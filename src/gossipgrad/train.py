@@ -1,0 +1,548 @@
+"""The training job: one process per rank, launched by ``gossipgrad train`` or by torchrun.
+
+    gossipgrad train --algo both                       # 4 local workers, gossip then all-reduce
+    torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+        -m gossipgrad.train --algo gossip --out runs/big --resume auto
+
+Each worker reads RANK / WORLD_SIZE / LOCAL_RANK from the environment. Under torch elastic
+(torchrun, or the launcher of ``gossipgrad train``) the process group is built over the agent's
+store with a ``PrefixStore`` per restart attempt, so restarted workers (``--max-restarts``) meet
+afresh; with ``--resume auto`` they continue from the last checkpoint.
+
+``train(cfg, algo)`` is the loop itself, for a process group that is already initialised (tests
+call it in-process). A run writes to ``<out>/<algo>/``: ``metrics.jsonl``, ``checkpoints/``, and
+at the end ``model.pt`` (the exact average of the replicas, a ``state_dict``) and
+``summary.json``; ``<out>/report.png`` and ``<out>/summary.json`` compare the algorithms run.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from gossipgrad import checkpoint, report
+from gossipgrad.allreduce import wrap
+from gossipgrad.config import TrainConfig, load_config
+from gossipgrad.data import load_dataset
+from gossipgrad.metrics import MetricsLog
+from gossipgrad.models import build_model, default_model, task_loss
+from gossipgrad.sampler import GossipShuffleSampler
+
+MODEL_FILE = "model.pt"
+SUMMARY_FILE = "summary.json"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m gossipgrad.train [options]``: one worker (see the module docstring)."""
+    cfg = load_config(sys.argv[1:] if argv is None else argv, prog="python -m gossipgrad.train")
+    worker(cfg)
+
+
+@record
+def worker(cfg: TrainConfig, standalone: bool = True) -> dict[str, dict[str, Any]]:
+    """One rank: join the process group and run each algorithm of ``cfg``; then, ``standalone``
+    (not under ``gossipgrad train``, which does it itself), rank 0 writes the comparison report
+    and prints the table. Returns ``{algo: summary}``."""
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads and threads.isdigit():
+        torch.set_num_threads(int(threads))
+    device = _device(cfg)
+    init_distributed("nccl" if device.type == "cuda" else "gloo", timedelta(seconds=cfg.timeout_s))
+    try:
+        cfg = replace(cfg, out=_shared_out(cfg.out))
+        results = {algo: train(cfg, algo) for algo in cfg.algos()}
+        if dist.get_rank() == 0 and standalone:
+            summary = report.write_report(Path(cfg.out))
+            print(f"\n{summary['table']}\n\nreport: {Path(cfg.out) / report.REPORT_IMAGE}")
+        return results
+    finally:
+        dist.destroy_process_group()
+
+
+def init_distributed(backend: str, timeout: timedelta) -> None:
+    """Initialise the default process group from the environment (no-op if already done)."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:  # a plain `python -m gossipgrad.train`: a world of one
+        dist.init_process_group(
+            backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+        )
+        return
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:  # RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set by hand
+        dist.init_process_group(backend, init_method="env://", timeout=timeout)
+        return
+    # Under torch elastic: one key space per restart attempt, or restarted gloo workers would
+    # find the previous attempt's keys and fail to connect.
+    store = dist.PrefixStore(f"attempt_{attempt}", _elastic_store(rank, world, timeout))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+
+
+def _elastic_store(rank: int, world: int, timeout: timedelta) -> dist.Store:
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" or rank != 0:
+        return dist.TCPStore(addr, port, world, is_master=False, timeout=timeout)
+    # Rank 0 hosts the store. TCPStore alone listens on every interface; a socket bound to
+    # MASTER_ADDR keeps it there (the loopback address for `gossipgrad train`).
+    listener = socket.create_server((addr, port))
+    return dist.TCPStore(
+        addr, port, world, is_master=True, timeout=timeout, master_listen_fd=listener.detach()
+    )
+
+
+def _shared_out(out: str) -> str:
+    """``out``, or a new ``runs/<date-time>`` chosen by rank 0 for every rank."""
+    box = [out or str(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Window:
+    """Sums since the last record (loss over samples, correct predictions, targets, samples)."""
+
+    loss: torch.Tensor
+    correct: torch.Tensor
+    targets: int = 0
+    samples: int = 0
+    began: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Progress:
+    """Counters that a checkpoint carries over (besides the model, optimizer and sampler)."""
+
+    window: _Window  # this rank's sums since the last record
+    step: int = 0
+    epoch: int = 0
+    elapsed_s: float = 0.0
+    bytes_sent: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def train(cfg: TrainConfig, algo: str) -> dict[str, Any]:
+    """Train with ``algo`` ("gossip" or "allreduce") on the initialised default process group and
+    return the run's summary (the same on every rank). ``cfg.out`` must be set."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    run_dir = Path(cfg.out) / algo
+    device = _device(cfg)
+    _seed_everything(cfg.seed)  # same model initialisation on every rank
+    train_set, test_set, info = load_dataset(cfg.dataset, seed=cfg.seed)
+    model_name = default_model(info) if cfg.model == "auto" else cfg.model
+    module = build_model(model_name, info).to(device)
+    model = wrap(
+        module,
+        algo,
+        bucket_cap_mb=cfg.bucket_mb,
+        sync=cfg.sync,
+        mode=cfg.mode,
+        schedule=cfg.schedule,
+        seed=cfg.seed,
+        timeout=timedelta(seconds=cfg.timeout_s),
+        on_nonfinite=cfg.on_nonfinite,
+    )
+    optimizer = _optimizer(cfg, module)
+    sampler = _sampler(cfg, algo, train_set)
+    loader = DataLoader(
+        train_set,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        generator=torch.Generator(),  # leaves the global RNG alone (exact resume)
+    )
+    steps_per_epoch = len(sampler) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} is larger than a rank's share of the training set "
+            f"({len(sampler)} samples at {world} ranks): lower --batch-size"
+        )
+    total_steps = cfg.epochs * steps_per_epoch
+    total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    _seed_everything(cfg.seed + 1 + rank)  # this rank's own stream (dropout, augmentation)
+
+    progress = Progress(window=_new_window(device))
+    identity = {"algo": algo, "dataset": cfg.dataset, "model": model_name}
+    resumed = _resume(cfg, run_dir / "checkpoints", identity, model, optimizer, sampler, progress)
+    if rank == 0 and not cfg.quiet:
+        params = sum(p.numel() for p in module.parameters())
+        ranks = f"{world} rank{'' if world == 1 else 's'}"
+        data = f"{info.name} ({len(train_set)} train / {len(test_set)} test)"
+        steps = f"{total_steps} steps of {cfg.batch_size} per rank"
+        where = f"{run_dir}" + (f" (resumed at step {progress.step})" if resumed else "")
+        print(f"{algo}: {ranks}, {data}, {model_name} ({params:,} parameters), {steps} -> {where}")
+
+    log = (
+        MetricsLog(
+            run_dir,
+            algo=algo,
+            total_steps=total_steps,
+            start_step=progress.step,
+            history=progress.history,
+            quiet=cfg.quiet,
+            tensorboard=cfg.tensorboard,
+        )
+        if rank == 0
+        else None
+    )
+    began = time.perf_counter() - progress.elapsed_s
+    last_saved = progress.step if resumed else -1
+    while progress.step < total_steps:
+        sampler.set_epoch(progress.epoch)
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            output = model(x)
+            loss = task_loss(output, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            progress.step += 1
+            progress.bytes_sent += model.bytes_sent_last_step
+            _accumulate(progress.window, loss, output, y)
+            if log is not None:
+                log.advance()
+            if progress.step % cfg.log_every == 0 or _consensus_due(cfg, progress.step):
+                entry = _measure(cfg, model, progress, began)
+                progress.window = _new_window(device)
+                if log is not None:
+                    log.record(entry)
+                    progress.history = log.history
+            if cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0:
+                progress.elapsed_s = time.perf_counter() - began
+                _save(cfg, run_dir, identity, model, optimizer, sampler, progress)
+                last_saved = progress.step
+            if progress.step >= total_steps:
+                break
+        else:
+            progress.epoch += 1
+
+    progress.elapsed_s = time.perf_counter() - began
+    if cfg.checkpoint_every and last_saved != progress.step:
+        _save(cfg, run_dir, identity, model, optimizer, sampler, progress)
+    summary = _finish(cfg, algo, model, module, test_set, progress, world, run_dir)
+    summary.update(
+        dataset=info.name,
+        model=model_name,
+        epochs=round(progress.step / steps_per_epoch, 3),
+        resumed_from=str(resumed) if resumed else None,
+    )
+    if isinstance(sampler, GossipShuffleSampler):
+        sampler.flush()
+    if log is not None:
+        log.close()
+        report.write_json(run_dir / SUMMARY_FILE, summary)
+        torch.save({k: v.cpu() for k, v in module.state_dict().items()}, run_dir / MODEL_FILE)
+        if not cfg.quiet:
+            print(
+                f"{algo}: test accuracy {summary['test_accuracy']:.2%} (averaged model) after "
+                f"{summary['train_time_s']:.1f} s -> {run_dir / MODEL_FILE}",
+                flush=True,
+            )
+    dist.barrier()
+    return summary
+
+
+def _finish(
+    cfg: TrainConfig,
+    algo: str,
+    model: Any,
+    module: torch.nn.Module,
+    test_set: Dataset,
+    progress: Progress,
+    world: int,
+    run_dir: Path,
+) -> dict[str, Any]:
+    """Average the replicas exactly, evaluate the average, and summarise the run."""
+    model.flush()
+    consensus = model.consensus_distance()
+    model.average_replicas()
+    test_loss, test_acc = evaluate(module, test_set, batch_size=max(256, cfg.batch_size))
+    device = next(module.parameters()).device
+    sent = torch.tensor([float(progress.bytes_sent)], dtype=torch.float64, device=device)
+    dist.all_reduce(sent)
+    steps = max(progress.step, 1)
+    train_records = [r for r in progress.history if r.get("loss") is not None]
+    summary = {
+        "algo": algo,
+        "world_size": world,
+        "steps": progress.step,
+        "train_time_s": progress.elapsed_s,
+        "samples_per_s": progress.step * cfg.batch_size * world / max(progress.elapsed_s, 1e-9),
+        "test_accuracy": test_acc,
+        "test_loss": test_loss,
+        "train_loss": train_records[-1]["loss"] if train_records else None,
+        "bytes_per_rank_per_step": sent.item() / world / steps,
+        "consensus_distance": consensus,
+        "run_dir": str(run_dir),
+        "config": cfg.to_dict(),
+    }
+    box = [summary]
+    dist.broadcast_object_list(box, src=0)  # rank 0's timings and history for everyone
+    return box[0]
+
+
+@torch.no_grad()
+def evaluate(
+    module: torch.nn.Module, dataset: Dataset, batch_size: int = 256
+) -> tuple[float, float]:
+    """Mean loss and accuracy of ``module`` on ``dataset``, each rank scoring a strided share
+    (collective). Accuracy counts tokens for language models."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = next(module.parameters()).device
+    was_training = module.training
+    module.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, targets
+    share = Subset(dataset, range(rank, len(dataset), world))
+    for x, y in DataLoader(share, batch_size=batch_size):
+        x, y = x.to(device), y.to(device)
+        output = module(x)
+        sums[0] += task_loss(output, y).double() * y.numel()
+        sums[1] += (output.argmax(-1) == y).sum()
+        sums[2] += y.numel()
+    dist.all_reduce(sums)
+    module.train(was_training)
+    loss, correct, count = sums.tolist()
+    return loss / max(count, 1), correct / max(count, 1)
+
+
+# --- steps, records ------------------------------------------------------------------------------
+
+
+def _new_window(device: torch.device) -> _Window:
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    return _Window(loss=zero.clone(), correct=zero.clone())
+
+
+def _accumulate(
+    window: _Window, loss: torch.Tensor, output: torch.Tensor, target: torch.Tensor
+) -> None:
+    with torch.no_grad():
+        window.loss += loss.detach().double() * target.numel()
+        window.correct += (output.argmax(-1) == target).sum()
+    window.targets += target.numel()
+    window.samples += target.shape[0]
+
+
+def _consensus_due(cfg: TrainConfig, step: int) -> bool:
+    return cfg.consensus_every > 0 and step % cfg.consensus_every == 0
+
+
+def _measure(cfg: TrainConfig, model: Any, progress: Progress, began: float) -> dict[str, Any]:
+    """One record: the window's loss and accuracy over all ranks, the consensus distance if due,
+    samples per second (collective)."""
+    window = progress.window
+    sums = torch.stack(
+        [
+            window.loss,
+            window.correct,
+            window.loss.new_tensor(window.targets),
+            window.loss.new_tensor(window.samples),
+        ]
+    )
+    dist.all_reduce(sums)
+    loss, correct, targets, samples = sums.tolist()
+    now = time.perf_counter()
+    return {
+        "step": progress.step,
+        "epoch": progress.epoch,
+        "time": now - began,
+        "loss": loss / targets if targets else None,
+        "acc": correct / targets if targets else None,
+        "consensus": model.consensus_distance() if _consensus_due(cfg, progress.step) else None,
+        "samples_per_s": samples / max(now - window.began, 1e-9),
+    }
+
+
+# --- pieces -------------------------------------------------------------------------------------
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if not use_cuda:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available; use --device cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return torch.device("cuda", local % torch.cuda.device_count())
+
+
+def _optimizer(cfg: TrainConfig, module: torch.nn.Module) -> torch.optim.Optimizer:
+    params = module.parameters()
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    kind = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return kind(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
+
+
+def _sampler(cfg: TrainConfig, algo: str, dataset: Dataset) -> Any:
+    """Gossip shuffles shards between partners; all-reduce uses DistributedSampler's global
+    reshuffle (the usual DDP setup)."""
+    if algo == "gossip":
+        return GossipShuffleSampler(
+            dataset,
+            seed=cfg.seed,
+            drop_last=True,
+            shuffle_fraction=cfg.shuffle_fraction,
+            schedule=cfg.schedule,
+            timeout=timedelta(seconds=cfg.timeout_s),
+        )
+    return ResumableDistributedSampler(dataset, seed=cfg.seed, drop_last=True)
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """``DistributedSampler`` that can stop mid-epoch and resume there (``state_dict``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.yielded = 0
+        self._resume_at = 0
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        order = list(super().__iter__())
+        start, self._resume_at = self._resume_at, 0
+        self.yielded = start
+        for index in order[start:]:
+            self.yielded += 1
+            yield index
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "yielded": self.yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self.yielded = self._resume_at = int(state["yielded"])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+
+def _save(
+    cfg: TrainConfig,
+    run_dir: Path,
+    identity: dict[str, str],
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    sampler: Any,
+    progress: Progress,
+) -> None:
+    model.flush()  # the exchange in flight belongs to this step
+    window = progress.window
+    state = {
+        "run": identity,
+        "model": model.module.state_dict(),
+        "optim": optimizer.state_dict(),
+        "sampler": sampler.state_dict(),
+        "gossip": model.gossip_state(),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": list(np.random.get_state()),
+            "python": random.getstate(),
+        },
+        "progress": {
+            "step": progress.step,
+            "epoch": progress.epoch,
+            "elapsed_s": progress.elapsed_s,
+            "bytes_sent": progress.bytes_sent,
+            "history": progress.history if dist.get_rank() == 0 else [],
+            "window": {
+                "loss": window.loss,
+                "correct": window.correct,
+                "targets": window.targets,
+                "samples": window.samples,
+            },
+        },
+    }
+    checkpoint.save(run_dir / "checkpoints", progress.step, state, keep=cfg.keep_checkpoints)
+
+
+def _resume(
+    cfg: TrainConfig,
+    folder: Path,
+    identity: dict[str, str],
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    sampler: Any,
+    progress: Progress,
+) -> Path | None:
+    """Load the checkpoint that ``cfg.resume`` names into the run's objects; return its path."""
+    found = _find_checkpoint(cfg.resume, folder, identity["algo"])
+    if found is None:
+        return None
+    state, path = found
+    for key, value in identity.items():
+        if state["run"][key] != value:
+            raise checkpoint.CheckpointError(
+                f"checkpoint {str(path)!r} is from a run with {key} {state['run'][key]!r}, but "
+                f"this run has {key} {value!r}: resume with --{key} {state['run'][key]}"
+            )
+    model.module.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optim"])
+    sampler.load_state_dict(state["sampler"])
+    model.load_gossip_state(state["gossip"])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    np.random.set_state(tuple(rng["numpy"]))
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    saved = state["progress"]
+    progress.step, progress.epoch = int(saved["step"]), int(saved["epoch"])
+    progress.elapsed_s, progress.bytes_sent = float(saved["elapsed_s"]), int(saved["bytes_sent"])
+    progress.history = list(saved["history"])
+    window = progress.window
+    window.loss.copy_(saved["window"]["loss"])
+    window.correct.copy_(saved["window"]["correct"])
+    window.targets, window.samples = saved["window"]["targets"], saved["window"]["samples"]
+    return path
+
+
+def _find_checkpoint(resume: str, folder: Path, algo: str) -> tuple[dict[str, Any], Path] | None:
+    """``--resume auto``: the newest intact checkpoint of this run, if any. ``--resume PATH``: that
+    checkpoint, or the newest intact one in PATH (a checkpoints folder or a run folder)."""
+    if not resume:
+        return None
+    if resume == "auto":
+        return checkpoint.load_latest(folder)
+    path = Path(resume)
+    if (path / checkpoint.MANIFEST).exists() or path.name.startswith("step_"):
+        return checkpoint.load(path), path
+    for candidate in (path / algo / "checkpoints", path / "checkpoints", path):
+        if checkpoint.list_checkpoints(candidate):
+            found = checkpoint.load_latest(candidate)
+            if found is not None:
+                return found
+    raise checkpoint.CheckpointError(
+        f"--resume {resume}: no intact checkpoint there (give a step_* folder, a checkpoints "
+        "folder, or a run folder), or use --resume auto"
+    )
+
+
+if __name__ == "__main__":
+    main()

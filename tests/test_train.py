@@ -1,0 +1,95 @@
+"""The training loop in-process on 2 gloo ranks: outputs, and exact resume from a checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import sklearn.model_selection  # noqa: F401 - imported once here, the forked ranks inherit it
+import torch
+import torch._dynamo  # noqa: F401 - (DDP imports it on first use)
+from _dist import run_world
+
+from gossipgrad import checkpoint, train
+from gossipgrad.config import TrainConfig
+
+_METRIC_KEYS = {"step", "epoch", "time", "loss", "acc", "consensus", "samples_per_s"}
+
+
+def _train(rank: int, world: int, algo: str, out: str, options: dict) -> dict:
+    cfg = TrainConfig(algo=algo, out=out, quiet=True, log_every=5, consensus_every=5, **options)
+    return train.train(cfg.validate(), algo)
+
+
+def test_a_run_writes_model_summary_and_metrics(tmp_path: Path) -> None:
+    summaries = run_world(_train, 2, "gossip", str(tmp_path), {"epochs": 1, "max_steps": 12})
+    assert summaries[0] == summaries[1]  # every rank returns the same summary
+    summary = summaries[0]
+    assert summary["steps"] == 12 and summary["world_size"] == 2
+    assert 0.3 < summary["test_accuracy"] <= 1.0  # 12 steps already beat chance (0.1)
+    assert summary["bytes_per_rank_per_step"] > 0
+    run = tmp_path / "gossip"
+    assert json.loads((run / "summary.json").read_text())["steps"] == 12
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [5, 10]
+    assert all(set(r) == _METRIC_KEYS for r in records)
+    assert all(r["consensus"] is not None and r["consensus"] > 0 for r in records)
+    weights = torch.load(run / "model.pt", weights_only=True)
+    assert set(weights) == {"1.weight", "1.bias", "3.weight", "3.bias"}
+
+
+@pytest.mark.parametrize("algo", ["gossip", "allreduce"])
+def test_resume_continues_exactly(tmp_path: Path, algo: str) -> None:
+    # 16 steps straight, against 8 steps, stop, resume for 8 more (crossing an epoch end at
+    # step 11). Both checkpoint every 8 steps, so both do the same operations.
+    straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+    options = {"epochs": 3, "batch_size": 64, "checkpoint_every": 8}
+    run_world(_train, 2, algo, straight, {**options, "max_steps": 16})
+    run_world(_train, 2, algo, stopped, {**options, "max_steps": 8})
+    first = torch.load(Path(stopped) / algo / "model.pt", weights_only=True)
+    resumed = run_world(_train, 2, algo, stopped, {**options, "max_steps": 16, "resume": "auto"})
+    assert resumed[0]["steps"] == 16
+
+    a = torch.load(Path(straight) / algo / "model.pt", weights_only=True)
+    b = torch.load(Path(stopped) / algo / "model.pt", weights_only=True)
+    assert not torch.equal(first["1.weight"], b["1.weight"])  # it did train after resuming
+    for name in a:
+        assert torch.equal(a[name], b[name]), name  # bit for bit
+
+    def history(run: str) -> list[tuple]:
+        lines = (Path(run) / algo / "metrics.jsonl").read_text().splitlines()
+        return [
+            (r["step"], r["epoch"], r["loss"], r["acc"], r["consensus"])
+            for r in map(json.loads, lines)
+        ]
+
+    assert history(straight) == history(stopped)  # the metrics history continues too
+    kept = checkpoint.list_checkpoints(Path(stopped) / algo / "checkpoints")
+    assert [p.name for p in kept] == ["step_00000008", "step_00000016"]
+
+
+def test_resume_refuses_what_is_not_this_runs_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="no intact checkpoint there"):
+        run_world(_train, 2, "allreduce", str(tmp_path), {"max_steps": 2, "resume": str(tmp_path)})
+    run_world(_train, 2, "gossip", str(tmp_path), {"max_steps": 2, "checkpoint_every": 2})
+    gossips = str(tmp_path / "gossip" / "checkpoints" / "step_00000002")
+    with pytest.raises(RuntimeError, match="from a run with algo 'gossip'.* --algo gossip"):
+        run_world(_train, 2, "allreduce", str(tmp_path), {"max_steps": 2, "resume": gossips})
+
+
+def test_resumable_distributed_sampler_continues_mid_epoch() -> None:
+    data = list(range(20))
+    full = train.ResumableDistributedSampler(data, num_replicas=2, rank=0, seed=3)
+    full.set_epoch(1)
+    order = list(full)
+    partial = train.ResumableDistributedSampler(data, num_replicas=2, rank=0, seed=3)
+    partial.set_epoch(1)
+    it = iter(partial)
+    head = [next(it) for _ in range(4)]
+    state = partial.state_dict()
+    assert state == {"epoch": 1, "yielded": 4}
+    again = train.ResumableDistributedSampler(data, num_replicas=2, rank=0, seed=3)
+    again.load_state_dict(state)
+    assert head + list(again) == order
+    assert list(again) == order  # the next pass is a whole epoch again
