@@ -1,0 +1,295 @@
+"""``HierarchicalDataParallel``: all-reduce inside each node, gossip between nodes.
+
+The layout Bagua and BlueFog use by default. Ranks on one node average their gradients with an
+all-reduce over their fast local links (PyTorch DDP over a per-node group), so the ranks of a node
+always hold the same replica. One leader per node (its lowest rank: ``LOCAL_RANK`` 0 under
+torchrun) gossips that replica with the other nodes' leaders (``GossipDataParallel`` over the
+leaders' group: one partner per step, overlapped by default), and the node's other ranks take the
+mixed replica from their leader (a broadcast inside the node). Across nodes, per step, one model's
+worth of bytes leaves each node, whatever the number of ranks on it::
+
+    model = HierarchicalDataParallel(module)     # node layout from torchrun's environment
+    for x, y in loader:
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step(); optimizer.zero_grad()
+    model.average_replicas()                     # one all-reduce: every rank holds the mean
+
+Each training forward is one step: the leader mixes in the exchange that ran during the previous
+step and starts this step's (``GossipDataParallel.gossip_step``), the node's ranks receive the
+mixed parameters and floating-point buffers from the leader, then DDP computes. With one node this
+is plain DDP; with one rank per node, plain gossip.
+
+Node layout: ``ranks_per_node=k`` groups global ranks ``[0, k)``, ``[k, 2k)``, ... (to emulate
+nodes on one machine, or under a launcher other than torchrun); left out, it is read from
+torchrun's environment (``GROUP_RANK`` names the node, ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` are
+checked).
+
+``flush``, ``consensus_distance`` and ``average_replicas`` are collectives: every rank calls them at
+the same point, as with the other wrappers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from gossipgrad.consensus import average_, broadcast_, consensus_distance
+from gossipgrad.mixing import make_buckets
+from gossipgrad.parallel import GossipDataParallel
+
+# GossipDataParallel's keyword options and their defaults; the process group is ours to build.
+GOSSIP_OPTIONS = {
+    name: p.default
+    for name, p in inspect.signature(GossipDataParallel.__init__).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "process_group"
+}
+_ENV = ("GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")  # what torchrun tells about the node
+
+
+@dataclass
+class _Engines:
+    """The wrappers doing the work, kept out of ``nn.Module``'s registry so that the state dict
+    holds ``module.*`` once (as DDP's does), not once per wrapper."""
+
+    ddp: DistributedDataParallel | None  # gradients inside the node (None: one rank per node)
+    gossip: GossipDataParallel | None  # the leader's gossip (None: not a leader, or one node)
+
+
+class HierarchicalDataParallel(nn.Module):
+    """Wrap ``module`` for hierarchical training (see the module docstring).
+
+    Args:
+        module: the model, on the device its rank trains on.
+        ranks_per_node: ranks per node; consecutive global ranks share a node. Default: the node
+            layout of torchrun's environment.
+        **gossip_options: ``GossipDataParallel``'s options for the gossip between leaders
+            (``sync``, ``schedule``, ``seed``, ``bucket_cap_mb``, ``timeout``, ``on_nonfinite``,
+            ``wire_dtype``, ``streams``); ``bucket_cap_mb`` also sizes DDP's buckets. Only the
+            default ``mode="params"`` is supported.
+
+    Attributes: ``nodes`` (each node's global ranks), ``node`` (this rank's node index),
+    ``is_leader``, ``node_group`` and ``leaders_group`` (process groups), ``step``.
+    """
+
+    def __init__(
+        self, module: nn.Module, *, ranks_per_node: int | None = None, **gossip_options: Any
+    ) -> None:
+        super().__init__()
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "HierarchicalDataParallel needs torch.distributed initialised: call "
+                "torch.distributed.init_process_group first, or launch with torchrun"
+            )
+        options = _options(gossip_options)
+        self.module = module
+        self.sync: bool = options["sync"]
+        self.schedule: str = options["schedule"]
+        self.seed: int = options["seed"]
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.nodes = _layout(ranks_per_node, self.world_size)
+        self.node = next(i for i, ranks in enumerate(self.nodes) if self.rank in ranks)
+        self.is_leader = self.rank == self.nodes[self.node][0]
+        # Every rank creates every group, in the same order (torch.distributed's rule).
+        self.node_group, _ = dist.new_subgroups_by_enumeration(self.nodes)
+        leaders = [ranks[0] for ranks in self.nodes]
+        self.leaders_group = dist.new_group(leaders)
+        self.step = 0
+        self._gossip_enabled = True
+        self._in_flight = False  # the leader has an exchange that is not mixed in yet
+
+        node_size = len(self.nodes[self.node])
+        gossip = None
+        if len(self.nodes) > 1:
+            if not self.is_leader:  # GossipDataParallel makes streams - 1 more leader groups
+                for _ in range(options["streams"] - 1):
+                    dist.new_group(leaders)
+            gossip = _on_leader(
+                lambda: GossipDataParallel(module, process_group=self.leaders_group, **options),
+                self.is_leader,
+                self.node_group,
+            )
+        ddp = None
+        if node_size > 1:
+            ddp = DistributedDataParallel(
+                module, process_group=self.node_group, bucket_cap_mb=options["bucket_cap_mb"]
+            )
+        self._engines = _Engines(ddp=ddp, gossip=gossip)
+        self._floats = list(module.parameters()) + [
+            b for b in module.buffers() if b.is_floating_point()
+        ]
+        self._buckets = make_buckets(self._floats, int(options["bucket_cap_mb"] * 2**20))
+
+    # --- the training step -------------------------------------------------------------------
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.module.training and torch.is_grad_enabled() and self._gossip_enabled:
+            self._step()
+        compute = self._engines.ddp or self.module
+        return compute(*args, **kwargs)
+
+    def _step(self) -> None:
+        self.step += 1
+        if len(self.nodes) == 1:
+            return
+        if self._engines.gossip is not None:
+            self._engines.gossip.gossip_step()  # mix the last exchange in, start this step's
+        mixed = self.sync or self._in_flight
+        self._in_flight = not self.sync
+        if mixed:
+            self._share()
+
+    def _share(self) -> None:
+        """Give the node's ranks the leader's parameters and floating-point buffers."""
+        if len(self.nodes[self.node]) > 1:
+            broadcast_(self._floats, self._buckets, self.node_group)
+
+    def flush(self) -> None:
+        """Complete the leaders' exchange in flight, mix it in, and share the result within the
+        node (collective). Call before evaluating or saving a replica."""
+        if not self._in_flight:
+            return
+        self._in_flight = False
+        if self._engines.gossip is not None:
+            self._engines.gossip.flush()
+        self._share()
+
+    @property
+    def bytes_sent_last_step(self) -> int:
+        """Bytes this rank sent to other nodes in the last step (the leader's gossip message; the
+        all-reduce and broadcast inside the node are not counted)."""
+        gossip = self._engines.gossip
+        return gossip.bytes_sent_last_step if gossip is not None else 0
+
+    # --- replicas ------------------------------------------------------------------------------
+
+    def consensus_distance(self) -> float:
+        """``RMS_i ||x_i - mean|| / ||mean||`` over all ranks' parameters and float buffers
+        (collective)."""
+        self.flush()
+        return consensus_distance(self._floats, self._buckets, dist.group.WORLD)
+
+    def average_replicas(self) -> None:
+        """Set every rank's replica to the exact average over all ranks (collective)."""
+        self.flush()
+        average_(self._floats, self._buckets, dist.group.WORLD)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Forwards inside neither gossip nor all-reduce gradients (gradient accumulation)."""
+        previous, self._gossip_enabled = self._gossip_enabled, False
+        ddp = self._engines.ddp
+        try:
+            with ddp.no_sync() if ddp is not None else contextlib.nullcontext():
+                yield
+        finally:
+            self._gossip_enabled = previous
+
+    def gossip_state(self) -> dict[str, Any]:
+        """What a checkpoint needs to resume the schedule exactly (the same keys as
+        ``GossipDataParallel``'s)."""
+        return {"step": self.step, "schedule": self.schedule, "seed": self.seed}
+
+    def load_gossip_state(self, state: dict[str, Any]) -> None:
+        GossipDataParallel.load_gossip_state(self, state)  # type: ignore[arg-type]  # same checks
+        if self._engines.gossip is not None:
+            self._engines.gossip.load_gossip_state(state)
+
+
+def _options(gossip_options: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(gossip_options) - set(GOSSIP_OPTIONS))
+    if "process_group" in unknown:
+        raise ValueError(
+            "HierarchicalDataParallel builds its own process groups (one per node, one of the "
+            "leaders): leave process_group out"
+        )
+    if unknown:
+        raise ValueError(
+            f"unknown options {unknown}: the gossip options are {list(GOSSIP_OPTIONS)}"
+        )
+    options = {**GOSSIP_OPTIONS, **gossip_options}
+    if options["mode"] != "params":
+        raise ValueError(
+            f"HierarchicalDataParallel supports mode='params' only, got mode={options['mode']!r}"
+        )
+    return options
+
+
+def _layout(ranks_per_node: int | None, world: int) -> list[list[int]]:
+    """Each node's global ranks, in node order (collective over the world)."""
+    torchrun = "GROUP_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", world)) == world
+    mine = (ranks_per_node, tuple(int(os.environ[k]) for k in _ENV) if torchrun else None)
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, mine)
+    if any(e[0] != ranks_per_node for e in everyone):
+        raise ValueError(
+            f"ranks disagree on ranks_per_node ({[e[0] for e in everyone]}): pass the same value "
+            "on every rank"
+        )
+    if ranks_per_node is None:
+        if any(e[1] is None for e in everyone):
+            raise ValueError(
+                "cannot tell which ranks share a node: launch with torchrun (which sets "
+                "GROUP_RANK, LOCAL_RANK and LOCAL_WORLD_SIZE) or pass ranks_per_node"
+            )
+        return _nodes_from_env([e[1] for e in everyone])
+    if (
+        isinstance(ranks_per_node, bool)
+        or not isinstance(ranks_per_node, int)
+        or not 1 <= ranks_per_node <= world
+        or world % ranks_per_node
+    ):
+        divisors = [k for k in range(1, world + 1) if world % k == 0]
+        raise ValueError(
+            f"ranks_per_node must divide the world size {world} (one of {divisors}), "
+            f"got {ranks_per_node!r}"
+        )
+    return [list(range(s, s + ranks_per_node)) for s in range(0, world, ranks_per_node)]
+
+
+def _nodes_from_env(env: list[tuple[int, int, int]]) -> list[list[int]]:
+    """Group ranks by ``GROUP_RANK``, checking that each node's ``LOCAL_RANK`` values are
+    ``0..LOCAL_WORLD_SIZE-1``; ``env[r]`` is rank ``r``'s ``(GROUP_RANK, LOCAL_RANK,
+    LOCAL_WORLD_SIZE)``."""
+    nodes: dict[int, list[int]] = {}
+    for r, (node, _, _) in enumerate(env):
+        nodes.setdefault(node, []).append(r)
+    for node, ranks in nodes.items():
+        local = sorted(env[r][1] for r in ranks)
+        sizes = {env[r][2] for r in ranks}
+        if local != list(range(len(ranks))) or sizes != {len(ranks)}:
+            raise ValueError(
+                f"torchrun's environment describes node {node} inconsistently (ranks {ranks}, "
+                f"LOCAL_RANK {local}, LOCAL_WORLD_SIZE {sorted(sizes)}): pass ranks_per_node"
+            )
+    return [nodes[k] for k in sorted(nodes)]
+
+
+def _on_leader(
+    build: Callable[[], GossipDataParallel], is_leader: bool, node_group: dist.ProcessGroup
+) -> GossipDataParallel | None:
+    """``build()`` on the node's leader; if it raises, raise it on the node's other ranks too
+    (they would otherwise wait for the leader forever)."""
+    engine, error = None, None
+    if is_leader:
+        try:
+            engine = build()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank of the node
+            error = exc
+    if dist.get_world_size(node_group) > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(node_group, 0), group=node_group)
+        error = box[0]
+    if error is not None:
+        raise error
+    return engine
