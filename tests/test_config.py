@@ -6,6 +6,7 @@ from dataclasses import fields, replace
 
 import pytest
 
+from gossipgrad import config
 from gossipgrad.config import ConfigError, TrainConfig, build_parser, flag, load_config
 
 
@@ -74,6 +75,18 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, toml, message) -
     err = capsys.readouterr().err
     assert err.startswith(message)
     assert err.count("\n") == 1
+
+
+def test_resume_alone_means_auto() -> None:
+    assert load_config(["--resume"]).resume == "auto"
+    assert load_config(["--resume", "runs/x"]).resume == "runs/x"
+    assert load_config([]).resume == ""
+
+
+def test_tensorboard_without_the_package(monkeypatch) -> None:
+    monkeypatch.setattr(config, "_has_tensorboard", lambda: False)
+    with pytest.raises(ConfigError, match=r"--tensorboard needs .* pip install"):
+        TrainConfig(tensorboard=True).validate()
 
 
 def test_missing_config_file(capsys) -> None:

@@ -76,6 +76,8 @@ def test_resume_refuses_what_is_not_this_runs_checkpoint(tmp_path: Path) -> None
     gossips = str(tmp_path / "gossip" / "checkpoints" / "step_00000002")
     with pytest.raises(RuntimeError, match="from a run with algo 'gossip'.* --algo gossip"):
         run_world(_train, 2, "allreduce", str(tmp_path), {"max_steps": 2, "resume": gossips})
+    with pytest.raises(RuntimeError, match="already holds checkpoints .* --resume auto"):
+        run_world(_train, 2, "gossip", str(tmp_path), {"max_steps": 2})  # would mix two runs
 
 
 def test_resumable_distributed_sampler_continues_mid_epoch() -> None:
@@ -93,3 +95,13 @@ def test_resumable_distributed_sampler_continues_mid_epoch() -> None:
     again.load_state_dict(state)
     assert head + list(again) == order
     assert list(again) == order  # the next pass is a whole epoch again
+
+
+def test_default_out(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert train.default_out(TrainConfig(resume="auto")).startswith("runs/")  # none yet: new
+    for name in ("20250101-000000", "20260101-000000"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+    assert train.default_out(TrainConfig(resume="auto")) == "runs/20260101-000000"
+    assert train.default_out(TrainConfig(out="mine", resume="auto")) == "mine"
+    assert train.default_out(TrainConfig()) not in ("runs/20260101-000000", "runs/20250101-000000")

@@ -24,11 +24,20 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+from gossipgrad import __version__, report
 from gossipgrad.config import TrainConfig, load_config
+from gossipgrad.data import load_dataset
+from gossipgrad.models import build_model, default_model
+from gossipgrad.train import default_out, worker
 
 _USAGE = """usage: gossipgrad <command> [options]
 
@@ -45,8 +54,6 @@ def main(argv: list[str] | None = None) -> int:
         print(_USAGE, end="")
         return 0
     if args and args[0] == "--version":
-        from gossipgrad import __version__
-
         print(f"gossipgrad {__version__}")
         return 0
     if not args or args[0] != "train":
@@ -64,9 +71,6 @@ def main(argv: list[str] | None = None) -> int:
 def _preflight(cfg: TrainConfig) -> str | None:
     """Build the dataset and model once here, so that a bad combination fails in one line before
     any worker starts (forked workers also inherit what this imported)."""
-    from gossipgrad.data import load_dataset
-    from gossipgrad.models import build_model, default_model
-
     try:
         _, _, info = load_dataset(cfg.dataset, seed=cfg.seed)
     except ValueError as error:
@@ -80,12 +84,7 @@ def _preflight(cfg: TrainConfig) -> str | None:
 
 def train_command(cfg: TrainConfig) -> int:
     """Run each algorithm of ``cfg`` on local workers, then print the comparison."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
-    from gossipgrad import report
-
-    out = Path(cfg.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    out = Path(default_out(cfg))
     cfg = replace(cfg, out=str(out))
     began = time.perf_counter()
     for algo in cfg.algos():
@@ -110,10 +109,6 @@ def launch(cfg: TrainConfig) -> dict[str, Any]:
     """Run ``gossipgrad.train.worker(cfg)`` on ``cfg.nproc`` local processes with torch's elastic
     launcher (restarting failed workers up to ``cfg.max_restarts`` times); return rank 0's
     result. The rendezvous listens on 127.0.0.1 only."""
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    from gossipgrad.train import worker
-
     start_method = "fork" if sys.platform == "linux" else "spawn"
     if start_method == "fork":
         _preload(cfg)
@@ -176,8 +171,6 @@ def _preload(cfg: TrainConfig) -> None:
 def _loopback_store(timeout_s: float) -> Iterator[int]:
     """A TCPStore for the rendezvous on a free port of 127.0.0.1 (a TCPStore binds every
     interface unless handed a socket that is already bound)."""
-    import torch.distributed as dist
-
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     store = dist.TCPStore(

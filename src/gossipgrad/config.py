@@ -34,10 +34,15 @@ class ConfigError(ValueError):
 
 
 def _opt(
-    help: str, *, choices: tuple[str, ...] | None = None, shown: str | None = None
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    shown: str | None = None,
+    bare: str | None = None,
 ) -> dict[str, Any]:
-    """Field metadata: help text, allowed values, and the default as ``--help`` shows it."""
-    return {"help": help, "choices": choices, "shown": shown}
+    """Field metadata: help text, allowed values, the default as ``--help`` shows it, and the
+    value of the flag given without a value (``--resume`` alone means ``--resume auto``)."""
+    return {"help": help, "choices": choices, "shown": shown, "bare": bare}
 
 
 @dataclass(frozen=True)
@@ -110,8 +115,10 @@ class TrainConfig:
     resume: str = field(
         default="",
         metadata=_opt(
-            "continue from a checkpoint: auto (the latest in --out, if any) or PATH",
+            "continue from a checkpoint: auto (the latest in --out, or in the newest run in "
+            "runs/ without --out; also --resume alone) or PATH",
             shown="no resume",
+            bare="auto",
         ),
     )
     out: str = field(default="", metadata=_opt("run folder", shown="runs/<date-time>"))
@@ -253,7 +260,9 @@ def build_parser(prog: str = "gossipgrad train") -> argparse.ArgumentParser:
             parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, help=text)
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
-            parser.add_argument(flag(f.name), type=kind, metavar=metavar, help=text)
+            bare = f.metadata.get("bare")
+            extra: dict[str, Any] = {"nargs": "?", "const": bare} if bare else {}
+            parser.add_argument(flag(f.name), type=kind, metavar=metavar, help=text, **extra)
     return parser
 
 

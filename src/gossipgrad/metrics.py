@@ -76,10 +76,6 @@ class MetricsLog:
                 if key not in ("step", "epoch") and isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, record["step"])
 
-    def write(self, message: str) -> None:
-        """Print a line without breaking the bar."""
-        self._bar.write(message)
-
     def close(self) -> None:
         self._bar.close()
         self._file.close()

@@ -62,7 +62,7 @@ def worker(cfg: TrainConfig, standalone: bool = True) -> dict[str, dict[str, Any
     device = _device(cfg)
     init_distributed("nccl" if device.type == "cuda" else "gloo", timedelta(seconds=cfg.timeout_s))
     try:
-        cfg = replace(cfg, out=_shared_out(cfg.out))
+        cfg = replace(cfg, out=_shared_out(cfg))
         results = {algo: train(cfg, algo) for algo in cfg.algos()}
         if dist.get_rank() == 0 and standalone:
             summary = report.write_report(Path(cfg.out))
@@ -104,9 +104,22 @@ def _elastic_store(rank: int, world: int, timeout: timedelta) -> dist.Store:
     )
 
 
-def _shared_out(out: str) -> str:
-    """``out``, or a new ``runs/<date-time>`` chosen by rank 0 for every rank."""
-    box = [out or str(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))]
+def default_out(cfg: TrainConfig) -> str:
+    """The run folder: ``--out``; with ``--resume auto`` and no ``--out``, the newest folder in
+    ``runs/``; else a new ``runs/<date-time>``."""
+    if cfg.out:
+        return cfg.out
+    runs = Path("runs")
+    if cfg.resume == "auto" and runs.is_dir():
+        earlier = sorted(p for p in runs.iterdir() if p.is_dir())
+        if earlier:
+            return str(earlier[-1])
+    return str(runs / datetime.now().strftime("%Y%m%d-%H%M%S"))
+
+
+def _shared_out(cfg: TrainConfig) -> str:
+    """``default_out(cfg)`` as rank 0 sees it, for every rank."""
+    box = [default_out(cfg)]
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -143,6 +156,11 @@ def train(cfg: TrainConfig, algo: str) -> dict[str, Any]:
     return the run's summary (the same on every rank). ``cfg.out`` must be set."""
     rank, world = dist.get_rank(), dist.get_world_size()
     run_dir = Path(cfg.out) / algo
+    if not cfg.resume and checkpoint.list_checkpoints(run_dir / "checkpoints"):
+        raise ValueError(
+            f"{run_dir} already holds checkpoints of an earlier run: continue it with "
+            "--resume auto, or choose another --out"
+        )
     device = _device(cfg)
     _seed_everything(cfg.seed)  # same model initialisation on every rank
     train_set, test_set, info = load_dataset(cfg.dataset, seed=cfg.seed)
