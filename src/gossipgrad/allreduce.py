@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -85,10 +86,12 @@ def wrap(
     seed: int = 0,
     timeout: timedelta = timedelta(minutes=5),
     on_nonfinite: str = "raise",
+    wire_dtype: torch.dtype | None = None,
+    streams: int = 1,
 ) -> GossipDataParallel | AllReduceDataParallel:
     """Wrap ``module`` for ``algo`` = ``"gossip"`` or ``"allreduce"``. The gossip-only options
-    (``sync``, ``mode``, ``schedule``, ``seed``, ``timeout``, ``on_nonfinite``) are ignored by
-    all-reduce."""
+    (``sync``, ``mode``, ``schedule``, ``seed``, ``timeout``, ``on_nonfinite``, ``wire_dtype``,
+    ``streams``) are ignored by all-reduce."""
     if algo == "gossip":
         return GossipDataParallel(
             module,
@@ -100,6 +103,8 @@ def wrap(
             process_group=process_group,
             timeout=timeout,
             on_nonfinite=on_nonfinite,
+            wire_dtype=wire_dtype,
+            streams=streams,
         )
     if algo == "allreduce":
         return AllReduceDataParallel(

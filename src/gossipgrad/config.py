@@ -27,6 +27,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 MODES = ("params", "gradients")
 ON_NONFINITE = ("raise", "skip")
 DEVICES = ("auto", "cpu", "cuda")
+WIRE = ("none", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -97,6 +98,15 @@ class TrainConfig:
         metadata=_opt("share of its samples a rank passes to its partner each epoch (0 to 1)"),
     )
     bucket_mb: float = field(default=25.0, metadata=_opt("largest message, in MiB"))
+    wire_dtype: str = field(
+        default="none",
+        metadata=_opt(
+            "send parameters as bfloat16 or float16 (half the bytes), or none", choices=WIRE
+        ),
+    )
+    streams: int = field(
+        default=1, metadata=_opt("connections per partner to spread messages over (1 to 16)")
+    )
     on_nonfinite: str = field(
         default="raise",
         metadata=_opt("on NaN/inf parameters: raise, or skip that exchange", choices=ON_NONFINITE),
@@ -146,6 +156,7 @@ class TrainConfig:
         _at_least(self, "weight_decay", 0.0)
         _in_range(self, "shuffle_fraction", 0.0, 1.0)
         _positive(self, "bucket_mb")
+        _in_range(self, "streams", 1, 16)
         _positive(self, "timeout_s")
         _at_least(self, "max_steps", 0)
         _at_least(self, "log_every", 1)

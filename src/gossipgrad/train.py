@@ -41,6 +41,8 @@ from gossipgrad.metrics import MetricsLog
 from gossipgrad.models import build_model, default_model, task_loss
 from gossipgrad.sampler import GossipShuffleSampler
 
+WIRE_DTYPES = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 MODEL_FILE = "model.pt"
 SUMMARY_FILE = "summary.json"
 
@@ -176,6 +178,8 @@ def train(cfg: TrainConfig, algo: str) -> dict[str, Any]:
         seed=cfg.seed,
         timeout=timedelta(seconds=cfg.timeout_s),
         on_nonfinite=cfg.on_nonfinite,
+        wire_dtype=WIRE_DTYPES[cfg.wire_dtype],
+        streams=cfg.streams,
     )
     optimizer = _optimizer(cfg, module)
     sampler = _sampler(cfg, algo, train_set)
