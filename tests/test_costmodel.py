@@ -16,6 +16,7 @@ from gossipgrad.costmodel import (
     calibrate,
     comm_time,
     efficiency,
+    fit_latency,
     step_time,
     sweep,
     validate,
@@ -156,6 +157,23 @@ def test_calibration_with_noise_and_fixed_latency() -> None:
     assert fit.bandwidth == pytest.approx(truth.bandwidth, rel=0.03)
     errors = [abs(v.error) for v in validate(noisy, fit)]
     assert max(errors) < 0.1
+
+
+def test_latency_from_small_messages_then_bandwidth_from_large_ones() -> None:
+    truth = Network(latency=120e-6, bandwidth=117e6, p2p_bandwidth=72e6, overhead=4e-3)
+    small = [
+        Measurement(a, p, comm_time(a, p, truth, 4.0), 4.0)
+        for a in ("allreduce", "exchange")
+        for p in (2, 4, 8)
+    ]
+    alpha = fit_latency(small)
+    assert alpha == pytest.approx(truth.latency, rel=1e-3)
+    large = [m for m in _synthetic(truth) if m.model_bytes > 1e6]
+    fit = calibrate(large, latency=alpha)
+    assert fit.bandwidth == pytest.approx(truth.bandwidth, rel=0.01)
+    assert fit.p2p_bandwidth == pytest.approx(truth.p2p_bandwidth, rel=0.01)
+    with pytest.raises(ValueError, match="bare operations"):
+        fit_latency(large)
 
 
 def test_calibration_ties_bandwidths_without_p2p_points() -> None:

@@ -28,6 +28,7 @@ seeded numpy generator rather than taking one step's "max of two draws".
     work = Workload(compute=0.06, model_bytes=33.6e6)
     step_time("ring", 64, net, work); efficiency("gossip-overlap", 64, net, work)
     net = calibrate(measurements); validate(measurements, net)
+    net = calibrate(large, latency=fit_latency(small))   # two-stage: alpha from tiny messages
 """
 
 from __future__ import annotations
@@ -129,7 +130,9 @@ def comm_time(algorithm: str, p: int, net: Network, model_bytes: float) -> float
     """Seconds of communication for one step of ``algorithm`` (before any overlap)."""
     _check_world(p)
     if algorithm not in (*ALGORITHMS, *BARE):
-        raise ValueError(f"algorithm must be one of {', '.join((*ALGORITHMS, *BARE))}")
+        raise ValueError(
+            f"algorithm must be one of {', '.join((*ALGORITHMS, *BARE))}, got {algorithm!r}"
+        )
     if p == 1 or algorithm == "compute":
         return 0.0
     return float(_coefficients(algorithm, p, model_bytes) @ _theta(net)[:3])
@@ -317,6 +320,27 @@ def calibrate(
         comm_bound = new
     assert best is not None
     return _network(best[1])
+
+
+def fit_latency(measurements: Sequence[Measurement]) -> float:
+    """Latency (alpha) from bare operations on messages small enough that the bandwidth term is
+    negligible (a few bytes): the least-squares fit, on relative errors, of ``t = k alpha`` with
+    ``k`` the algorithm's number of latency-bound rounds (``2(p - 1)`` for a ring all-reduce, 1 for
+    an exchange). Pass the result to ``calibrate(..., latency=...)``, the classic two-stage
+    alpha-beta fit: latency from small messages, bandwidth from large ones."""
+    ks, ts = [], []
+    for m in measurements:
+        if m.algorithm not in BARE or m.p < 2:
+            raise ValueError(
+                f"fit_latency takes bare operations ({', '.join(BARE)}) at p >= 2, "
+                f"got {m.algorithm!r} at p={m.p}"
+            )
+        ks.append(_coefficients(m.algorithm, m.p, m.model_bytes)[0])
+        ts.append(m.step_time)
+    if not ks:
+        raise ValueError("fit_latency needs at least one small-message measurement")
+    ratio = np.array(ks) / np.array(ts)
+    return float(ratio.sum() / (ratio**2).sum())
 
 
 def _system(ms: Sequence[Measurement], comm_bound: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
