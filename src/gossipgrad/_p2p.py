@@ -52,13 +52,16 @@ def start(
     group: dist.ProcessGroup,
     channel: str = "engine",
     streams: list[dist.ProcessGroup] | None = None,
+    index: int = 0,
 ) -> InFlight:
     """Start sending each of ``sends`` to ``send_to`` and receiving ``recvs`` from ``recv_from``
     (group ranks; ``None`` for no message). Returns at once; ``InFlight.wait`` completes it.
 
     ``streams``: groups with the same ranks as ``group`` (each has its own connections, so its own
-    TCP stream per pair on gloo); buffer ``b`` travels on ``streams[b % len(streams)]``."""
-    if len(sends) >= 1 << _BUCKET_BITS:
+    TCP stream per pair on gloo); buffer ``b`` travels on ``streams[(index + b) % len(streams)]``.
+    ``index``: the position of ``sends[0]`` among the step's buffers, when a step's buffers are
+    started one call at a time (it keeps their tags apart)."""
+    if index + len(sends) > 1 << _BUCKET_BITS:
         raise ValueError(f"at most {1 << _BUCKET_BITS} buffers per exchange, got {len(sends)}")
     lanes = streams or [group]
     dst = None if send_to is None else dist.get_global_rank(group, send_to)
@@ -79,7 +82,7 @@ def start(
     base = (CHANNELS[channel] << (_STEP_BITS + _BUCKET_BITS)) | (
         (step % (1 << _STEP_BITS)) << _BUCKET_BITS
     )
-    for b, (s, r) in enumerate(zip(sends, recvs, strict=True)):
+    for b, (s, r) in enumerate(zip(sends, recvs, strict=True), start=index):
         lane = lanes[b % len(lanes)]
         posts = []
         if src is not None and recv_from is not None:

@@ -111,7 +111,8 @@ class GossipDataParallel(nn.Module):
         self.step = 0
         self.bytes_sent_last_step = 0
         self._gossip_enabled = True
-        self._pending: tuple[_p2p.InFlight, Exchange] | None = None
+        # the exchange in flight: one InFlight per bucket, and the plan it follows
+        self._pending: tuple[list[_p2p.InFlight], Exchange] | None = None
         self._grad_due = False  # gradients mode: this forward's backward must exchange
 
         _check_device(module, self.group)
@@ -160,45 +161,49 @@ class GossipDataParallel(nn.Module):
         self.flush()
         tensors = self._mixed_tensors()
         ex = plan(self.rank, self.step, self.world_size, self.seed, self.schedule)
-        for b in self._buckets:
+        inflights = []
+        for index, b in enumerate(self._buckets):  # bucket 0 is on the wire while 1 is packed
             pack_(b.send, [tensors[i] for i in b.indices])
-        if ex.send_to is not None:
-            self._check_finite("local", [b.send for b in self._buckets], self.rank)
-        self._pending = (self._start(ex), ex)
+            if ex.send_to is not None:
+                self._check_finite("local", [b.send], self.rank)
+            inflights.append(self._start([b], ex, index))
+        self.bytes_sent_last_step = self._payload_bytes(ex)
+        self._pending = (inflights, ex)
         if self.sync:
             self.flush()
 
-    def _start(self, ex: Exchange) -> _p2p.InFlight:
-        inflight = _p2p.start(
-            [b.send for b in self._buckets],
-            [b.recv for b in self._buckets],
+    def _start(self, buckets: list[Bucket], ex: Exchange, index: int = 0) -> _p2p.InFlight:
+        return _p2p.start(
+            [b.send for b in buckets],
+            [b.recv for b in buckets],
             ex.send_to,
             ex.recv_from,
             self.step,
             self.group,
             streams=self._streams,
+            index=index,
         )
-        self.bytes_sent_last_step = (
-            sum(b.nbytes for b in self._buckets) if ex.send_to is not None else 0
-        )
-        return inflight
+
+    def _payload_bytes(self, ex: Exchange) -> int:
+        return sum(b.nbytes for b in self._buckets) if ex.send_to is not None else 0
 
     def flush(self) -> None:
         """Complete the exchange in flight, if any, and mix it in now rather than at the next
         forward (the result is the same). Call before evaluating or saving a replica.
 
-        Mixing is always in residual form ``x <- x + w (r - s)``: right after the snapshot
-        (``sync=True``) ``x == s`` and it equals ``(1 - w) x + w r``; with a compressed wire
-        dtype it still keeps the average exactly."""
+        Buckets are mixed as they arrive, while later ones are still on the wire. Mixing is
+        always in residual form ``x <- x + w (r - s)``: right after the snapshot (``sync=True``)
+        ``x == s`` and it equals ``(1 - w) x + w r``; with a compressed wire dtype it still keeps
+        the average exactly."""
         if self._pending is None:
             return
-        inflight, ex = self._pending
+        inflights, ex = self._pending
         self._pending = None
-        self._wait(inflight)
-        if ex.recv_from is None:
-            return
         tensors = self._mixed_tensors()
-        for b in self._buckets:
+        for b, inflight in zip(self._buckets, inflights, strict=True):
+            self._wait(inflight)
+            if ex.recv_from is None:
+                continue
             if self._check_finite("received", [b.recv], ex.recv_from, inflight.step):
                 mix_residual_([tensors[i] for i in b.indices], b.send, b.recv, ex.weight)
 
@@ -221,7 +226,8 @@ class GossipDataParallel(nn.Module):
         ex = plan(self.rank, self.step - 1, self.world_size, self.seed, self.schedule)
         for b in self._buckets:
             pack_(b.send, [grads[i] for i in b.indices])
-        self._wait(self._start(ex))
+        self._wait(self._start(self._buckets, ex))
+        self.bytes_sent_last_step = self._payload_bytes(ex)
         if ex.recv_from is None:
             return
         for b in self._buckets:
