@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -105,7 +106,7 @@ def _phase(name: str, args: argparse.Namespace, iface: str) -> dict[str, float]:
 
 def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=timedelta(minutes=3))  # a broken link fails fast
     iface = os.environ.get("GLOO_SOCKET_IFNAME", "eth0")
     result = {
         "hosts": dist.get_world_size() // int(os.environ["LOCAL_WORLD_SIZE"]),
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--hosts", type=int, nargs="+", default=[2, 4], help="driver: host counts")
     p.add_argument("--rate", default="1gbit", help="link rate, tc syntax (1gbit, 200mbit)")
-    p.add_argument("--timeout", type=float, default=900, help="driver: seconds per setting")
+    p.add_argument("--timeout", type=float, default=600, help="driver: seconds per setting")
     p.add_argument("--quiet-s", type=float, default=15, help="driver: wait for no netcluster")
     p.add_argument("--json", help="driver: also write the results here")
     p.add_argument("--worker", action="store_true", help="run one process (under torchrun)")
