@@ -2,6 +2,7 @@
 
 from gossipgrad.allreduce import ALGOS, AllReduceDataParallel, wrap
 from gossipgrad.errors import GossipError, NonFiniteError, PeerError
+from gossipgrad.hierarchical import HierarchicalDataParallel
 from gossipgrad.parallel import GossipDataParallel
 from gossipgrad.sampler import GossipShuffleDataset, GossipShuffleSampler, label_skew_shards
 from gossipgrad.schedule import SCHEDULES, partners, plan
@@ -14,6 +15,7 @@ __all__ = [
     "GossipError",
     "GossipShuffleDataset",
     "GossipShuffleSampler",
+    "HierarchicalDataParallel",
     "NonFiniteError",
     "PeerError",
     "label_skew_shards",

@@ -15,10 +15,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from gossipgrad.consensus import average_, consensus_distance
+from gossipgrad.hierarchical import HierarchicalDataParallel
 from gossipgrad.mixing import make_buckets
 from gossipgrad.parallel import GossipDataParallel
 
-ALGOS = ("gossip", "allreduce")
+ALGOS = ("gossip", "allreduce", "hierarchical")
 
 
 class AllReduceDataParallel(DistributedDataParallel):
@@ -88,24 +89,28 @@ def wrap(
     on_nonfinite: str = "raise",
     wire_dtype: torch.dtype | None = None,
     streams: int = 1,
-) -> GossipDataParallel | AllReduceDataParallel:
-    """Wrap ``module`` for ``algo`` = ``"gossip"`` or ``"allreduce"``. The gossip-only options
-    (``sync``, ``mode``, ``schedule``, ``seed``, ``timeout``, ``on_nonfinite``, ``wire_dtype``,
-    ``streams``) are ignored by all-reduce."""
+    ranks_per_node: int | None = None,
+) -> GossipDataParallel | AllReduceDataParallel | HierarchicalDataParallel:
+    """Wrap ``module`` for ``algo`` = ``"gossip"``, ``"allreduce"`` or ``"hierarchical"``
+    (all-reduce inside a node, gossip between nodes; ``ranks_per_node`` defaults to torchrun's
+    layout). The gossip-only options (``sync``, ``mode``, ``schedule``, ``seed``, ``timeout``,
+    ``on_nonfinite``, ``wire_dtype``, ``streams``) are ignored by all-reduce."""
+    gossip_options: dict[str, Any] = {
+        "sync": sync,
+        "schedule": schedule,
+        "seed": seed,
+        "bucket_cap_mb": bucket_cap_mb,
+        "timeout": timeout,
+        "on_nonfinite": on_nonfinite,
+        "wire_dtype": wire_dtype,
+        "streams": streams,
+    }
     if algo == "gossip":
-        return GossipDataParallel(
-            module,
-            sync=sync,
-            mode=mode,
-            schedule=schedule,
-            seed=seed,
-            bucket_cap_mb=bucket_cap_mb,
-            process_group=process_group,
-            timeout=timeout,
-            on_nonfinite=on_nonfinite,
-            wire_dtype=wire_dtype,
-            streams=streams,
-        )
+        return GossipDataParallel(module, mode=mode, process_group=process_group, **gossip_options)
+    if algo == "hierarchical":
+        if process_group is not None or mode != "params":
+            raise ValueError("algo='hierarchical' takes the whole world and mode='params' only")
+        return HierarchicalDataParallel(module, ranks_per_node=ranks_per_node, **gossip_options)
     if algo == "allreduce":
         return AllReduceDataParallel(
             module, process_group=process_group, bucket_cap_mb=bucket_cap_mb

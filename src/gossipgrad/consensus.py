@@ -67,8 +67,10 @@ def broadcast_(
     if dist.get_world_size(group) == 1:
         return
     src = dist.get_global_rank(group, 0)
+    is_src = dist.get_rank(group) == 0
     for b in buckets:
         own = [tensors[i] for i in b.indices]
-        flat = pack_(b.recv, own)
+        flat = pack_(b.recv, own) if is_src else b.recv
         dist.broadcast(flat, src, group=group)
-        torch._foreach_copy_(own, views(flat, own))
+        if not is_src:
+            torch._foreach_copy_(own, views(flat, own))

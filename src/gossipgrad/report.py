@@ -19,9 +19,9 @@ from gossipgrad.metrics import read_metrics
 
 REPORT_IMAGE = "report.png"
 SUMMARY_FILE = "summary.json"
-_ORDER = ("gossip", "allreduce")
-_COLORS = {"gossip": "tab:blue", "allreduce": "tab:orange"}
-_LABELS = {"gossip": "gossip", "allreduce": "all-reduce"}
+_ORDER = ("gossip", "hierarchical", "allreduce")
+_COLORS = {"gossip": "tab:blue", "hierarchical": "tab:green", "allreduce": "tab:orange"}
+_LABELS = {"gossip": "gossip", "hierarchical": "hierarchical", "allreduce": "all-reduce"}
 
 
 def write_json(path: Path, obj: Any) -> None:

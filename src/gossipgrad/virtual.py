@@ -42,10 +42,11 @@ import torch
 from torch import nn
 
 from gossipgrad._shuffle_plan import label_skew_shards, simulate, strided_shard
-from gossipgrad.allreduce import ALGOS
 from gossipgrad.mixing import Bucket, make_buckets, mix_, mix_residual_, pack_
 from gossipgrad.parallel import MODES
 from gossipgrad.schedule import Exchange, plan
+
+ALGOS = ("gossip", "allreduce")  # what the virtual cluster simulates
 
 PARTITIONS = ("iid", "label-skew")
 
