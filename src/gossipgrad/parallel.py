@@ -72,7 +72,10 @@ class GossipDataParallel(nn.Module):
             ``torch.float16``: half the bytes); mixing still accumulates in the parameters' dtype
             and keeps the replicas' average.
         streams: how many connections per partner to spread the buckets over (gloo: one TCP
-            stream each; NCCL ignores it). More than one helps fill fast links.
+            stream each; NCCL ignores it). More than one helps fill fast links. The extra
+            groups come from ``torch.distributed.new_group``, which every rank of the world
+            must call: with a ``process_group`` smaller than the world and ``streams > 1``, the
+            ranks outside it must call ``new_group(ranks)`` ``streams - 1`` times too.
     """
 
     def __init__(
