@@ -30,6 +30,10 @@ DEVICES = ("auto", "cpu", "cuda")
 WIRE = ("none", "bfloat16", "float16")
 
 
+_MAX_SEED = 2**63 - 1  # the shuffle's agreement check holds seeds in an int64
+_MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a week; a datetime.timedelta overflows far beyond
+
+
 class ConfigError(ValueError):
     """A bad option value; the message is one line naming the option and what is allowed."""
 
@@ -120,6 +124,10 @@ class TrainConfig:
     consensus_every: int = field(
         default=10, metadata=_opt("steps between consensus-distance measurements (0: never)")
     )
+    consensus_warn: float = field(
+        default=0.5,
+        metadata=_opt("warn when the consensus distance goes above this (0: never)"),
+    )
     checkpoint_every: int = field(default=0, metadata=_opt("steps between checkpoints (0: none)"))
     keep_checkpoints: int = field(default=3, metadata=_opt("checkpoints kept (the latest ones)"))
     resume: str = field(
@@ -157,10 +165,14 @@ class TrainConfig:
         _in_range(self, "shuffle_fraction", 0.0, 1.0)
         _positive(self, "bucket_mb")
         _in_range(self, "streams", 1, 16)
+        if not 0 <= self.seed <= _MAX_SEED:
+            raise ConfigError(f"--seed must be in [0, 2**63 - 1], got {self.seed}")
         _positive(self, "timeout_s")
+        _in_range(self, "timeout_s", 0.0, _MAX_TIMEOUT_S)
         _at_least(self, "max_steps", 0)
         _at_least(self, "log_every", 1)
         _at_least(self, "consensus_every", 0)
+        _at_least(self, "consensus_warn", 0.0)
         _at_least(self, "checkpoint_every", 0)
         _at_least(self, "keep_checkpoints", 1)
         if not self.dataset:

@@ -8,11 +8,18 @@
 Only rank 0 makes one (the records are already reduced over ranks). ``history`` is every record
 so far; a resumed run passes the checkpoint's history, and ``metrics.jsonl`` is rewritten from it,
 so the file continues exactly where the checkpoint was taken.
+
+Divergence guard: a record whose consensus distance is above ``consensus_warn`` gets a
+``"warning"`` entry, and when the distance goes above it (first, or again after falling back
+below) one line ``gossipgrad: warning: ...`` with the step and the figure is written to stderr
+above the bar.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +42,13 @@ class MetricsLog:
         history: list[dict[str, Any]] | None = None,
         quiet: bool = False,
         tensorboard: bool = False,
+        consensus_warn: float = 0.0,
     ) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.history: list[dict[str, Any]] = list(history or [])
+        self._consensus_warn = consensus_warn
+        measured = [r["consensus"] for r in self.history if r.get("consensus") is not None]
+        self._above = bool(measured) and self._is_above(measured[-1])
         self._file = open(run_dir / METRICS_FILE, "w")  # noqa: SIM115 - closed in close()
         for record in self.history:
             self._file.write(json.dumps(record) + "\n")
@@ -62,6 +73,7 @@ class MetricsLog:
 
     def record(self, record: dict[str, Any]) -> None:
         """Keep ``record`` (step, epoch, time, loss, acc, consensus, samples_per_s, ...)."""
+        self._guard_consensus(record)
         self.history.append(record)
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
@@ -75,6 +87,27 @@ class MetricsLog:
             for key, value in record.items():
                 if key not in ("step", "epoch") and isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, record["step"])
+
+    def _guard_consensus(self, record: dict[str, Any]) -> None:
+        consensus = record.get("consensus")
+        if consensus is None or not self._consensus_warn:
+            return
+        above = self._is_above(consensus)
+        if above:
+            record["warning"] = (
+                f"consensus distance {consensus:.3g} > --consensus-warn {self._consensus_warn:g}"
+            )
+        if above and not self._above:
+            self._bar.write(
+                f"gossipgrad: warning: step {record['step']}: consensus distance {consensus:.3g} "
+                f"is above --consensus-warn {self._consensus_warn:g}: the replicas are drifting "
+                "apart (lower --lr, or try --sync or --schedule exact)",
+                file=sys.stderr,
+            )
+        self._above = above
+
+    def _is_above(self, consensus: float) -> bool:
+        return not math.isfinite(consensus) or consensus > self._consensus_warn
 
     def close(self) -> None:
         self._bar.close()

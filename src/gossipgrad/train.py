@@ -220,6 +220,7 @@ def train(cfg: TrainConfig, algo: str) -> dict[str, Any]:
             history=progress.history,
             quiet=cfg.quiet,
             tensorboard=cfg.tensorboard,
+            consensus_warn=cfg.consensus_warn,
         )
         if rank == 0
         else None
@@ -312,6 +313,7 @@ def _finish(
         "train_loss": train_records[-1]["loss"] if train_records else None,
         "bytes_per_rank_per_step": sent.item() / world / steps,
         "consensus_distance": consensus,
+        "consensus_warnings": sum("warning" in r for r in progress.history),
         "run_dir": str(run_dir),
         "config": cfg.to_dict(),
     }
