@@ -22,7 +22,7 @@ from gossipgrad.data import DATASETS, import_callable
 from gossipgrad.models import MODELS
 from gossipgrad.schedule import SCHEDULES
 
-ALGOS = ("gossip", "allreduce", "both")
+ALGOS = ("gossip", "allreduce", "hierarchical", "both")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 MODES = ("params", "gradients")
 ON_NONFINITE = ("raise", "skip")

@@ -108,11 +108,11 @@ def mix_residual_(
     Summed over ranks the changes cancel (every snapshot is sent once and received once), so the
     average is kept even when ``s`` and ``r`` were rounded to a narrower wire dtype."""
     dtype = tensors[0].dtype if tensors else sent.dtype
-    if sent.dtype == dtype:
-        delta = sent.neg_().add_(received).mul_(weight)
+    if sent.dtype == dtype:  # two passes over memory: s <- s - r, then x <- x - w s
+        diff = sent.sub_(received)
     else:  # compressed payloads: subtract in the parameters' precision, where it is exact
-        delta = received.to(dtype).sub_(sent.to(dtype)).mul_(weight)
-    torch._foreach_add_(list(tensors), views(delta, tensors))
+        diff = sent.to(dtype).sub_(received.to(dtype))
+    torch._foreach_add_(list(tensors), views(diff, tensors), alpha=-weight)
 
 
 def is_finite(flat: torch.Tensor) -> bool:

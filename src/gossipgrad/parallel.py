@@ -126,9 +126,9 @@ class GossipDataParallel(nn.Module):
         self._buckets: list[Bucket] = make_buckets(self._mixed_tensors(), cap, wire_dtype)
         self._streams = _extra_groups(self.group, streams)
         self._all_float = list(module.parameters()) + _float_buffers(module)
-        self._avg_buckets = (
-            self._buckets if mode == "params" else make_buckets(self._all_float, cap)
-        )
+        # full-precision scratch for the collectives (the gossip buffers may be compressed)
+        same = mode == "params" and wire_dtype is None
+        self._avg_buckets = self._buckets if same else make_buckets(self._all_float, cap)
         if mode == "gradients" and self.world_size > 1:
             for p in module.parameters():
                 if p.requires_grad:

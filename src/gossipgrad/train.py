@@ -418,9 +418,9 @@ def _optimizer(cfg: TrainConfig, module: torch.nn.Module) -> torch.optim.Optimiz
 
 
 def _sampler(cfg: TrainConfig, algo: str, dataset: Dataset) -> Any:
-    """Gossip shuffles shards between partners; all-reduce uses DistributedSampler's global
-    reshuffle (the usual DDP setup)."""
-    if algo == "gossip":
+    """Gossip (flat or hierarchical) shuffles shards between partners; all-reduce uses
+    DistributedSampler's global reshuffle (the usual DDP setup)."""
+    if algo in ("gossip", "hierarchical"):
         return GossipShuffleSampler(
             dataset,
             seed=cfg.seed,
