@@ -5,7 +5,9 @@
 
 Each setting starts p gloo processes on this machine (loopback), trains the model on random
 digits-shaped batches, and reports the median step time after warm-up, the bytes each rank sends
-per step, and the replicas' consensus distance at the end. Prints a markdown table.
+per step, and the replicas' consensus distance at the end. "compute only" trains the bare module
+with no communication at all: with more processes than cores it shows how much of a step is the
+CPU itself. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import gossipgrad
 from gossipgrad.data import DatasetInfo
 from gossipgrad.models import build_model
 
-ALGOS = {  # label -> (algo, sync)
+ALGOS = {  # label -> (algo, sync); "compute" trains the bare module with no communication
+    "compute only": ("compute", False),
     "all-reduce": ("allreduce", False),
     "gossip sync": ("gossip", True),
     "gossip overlapped": ("gossip", False),
@@ -43,7 +46,8 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace, label:
     )
     algo, sync = ALGOS[label]
     torch.manual_seed(0)
-    model = gossipgrad.wrap(build_model(args.model, INFO), algo, sync=sync)
+    module = build_model(args.model, INFO)
+    model = module if algo == "compute" else gossipgrad.wrap(module, algo, sync=sync)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(args.batch, *INFO.input_shape, generator=g)
@@ -57,13 +61,16 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace, label:
         opt.step()
         opt.zero_grad()
         times.append(time.perf_counter() - start)
-    model.flush()
-    distance = model.consensus_distance()
+    distance = float("nan")
+    if algo != "compute":
+        model.flush()
+        distance = model.consensus_distance()
     if rank == 0:
         steady = times[args.warmup :]
-        params = sum(p.numel() for p in model.module.parameters())
+        params = sum(p.numel() for p in module.parameters())
         with open(os.path.join(folder, "result.txt"), "w") as f:
-            f.write(f"{statistics.median(steady)} {model.bytes_sent_last_step} {distance} {params}")
+            sent = getattr(model, "bytes_sent_last_step", 0)
+            f.write(f"{statistics.median(steady)} {sent} {distance} {params}")
     dist.destroy_process_group()
 
 
@@ -97,14 +104,14 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for model in args.models:
         for world in args.procs:
-            base = None
-            for label in ALGOS:
-                args.model = model
-                step, sent, distance, params = _measure(args, label, world)
-                base = base or step
+            args.model = model
+            rows = {label: _measure(args, label, world) for label in ALGOS}
+            base = rows["all-reduce"][0]
+            for label, (step, sent, distance, params) in rows.items():
+                ratio = "–" if label == "compute only" else f"{base / step:.2f}x"
                 print(
                     f"| {model} | {params / 1e6:.1f}M | {world} | {label} | {step * 1e3:.1f} "
-                    f"| {base / step:.2f}x | {sent / 1e6:.1f} | {distance:.2e} |",
+                    f"| {ratio} | {sent / 1e6:.1f} | {distance:.2e} |",
                     flush=True,
                 )
     sys.stdout.flush()

@@ -25,7 +25,10 @@ def test_defaults_are_valid() -> None:
         ({"batch_size": 0}, "--batch-size must be >= 1, got 0"),
         ({"momentum": 1.0}, "--momentum must be in [0, 1), got 1"),
         ({"shuffle_fraction": 1.5}, "--shuffle-fraction must be in [0, 1], got 1.5"),
-        ({"algo": "ring"}, "--algo must be one of gossip, allreduce, hierarchical, both, got 'ring'"),
+        (
+            {"algo": "ring"},
+            "--algo must be one of gossip, allreduce, hierarchical, both, got 'ring'",
+        ),
         ({"optimizer": "lbfgs"}, "--optimizer must be one of sgd, adam, adamw"),
         ({"schedule": "star"}, "--schedule must be one of dissemination"),
         ({"dataset": "mnist"}, "--dataset must be one of digits, pytext, synthetic-imagenet"),

@@ -350,7 +350,7 @@ def test_uninitialised_process_group_is_a_clear_error() -> None:
     [
         ({"mode": "weights"}, "mode must be one of"),
         ({"schedule": "star"}, "schedule must be one of"),
-        ({"bucket_cap_mb": 0}, "bucket_cap_mb must be > 0"),
+        ({"bucket_cap_mb": 0}, "bucket_cap_mb must be a finite number > 0"),
         ({"timeout": 5}, "timeout must be a positive"),
         ({"on_nonfinite": "ignore"}, "on_nonfinite must be one of"),
     ],

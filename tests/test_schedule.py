@@ -99,7 +99,7 @@ def test_ring_is_rank_plus_one() -> None:
     ("kwargs", "message"),
     [
         ({"rank": 0, "step": 0, "world_size": 0}, "world_size"),
-        ({"rank": 4, "step": 0, "world_size": 4}, "rank must be in"),
+        ({"rank": 4, "step": 0, "world_size": 4}, "rank must be an integer in"),
         ({"rank": 0, "step": -1, "world_size": 4}, "step"),
         ({"rank": 0, "step": 0, "world_size": 6, "schedule": "hypercube"}, "power-of-two"),
         ({"rank": 0, "step": 0, "world_size": 4, "schedule": "star"}, "unknown schedule"),

@@ -494,44 +494,34 @@ def test_partners_rejects_bad_input_by_name(case) -> None:
     assert "\n" not in str(info.value)
 
 
-# --- known gaps (other modules): strict xfails, so that a fix shows up here ---------------------
+# --- bad values that once slipped through (fixed in the modules; kept as regressions) ------------
 
 
-@pytest.mark.xfail(strict=True, reason="parallel.py: bucket_cap_mb=inf passes the check")
 def test_engine_rejects_an_infinite_bucket_cap(world_of_one) -> None:
     with pytest.raises(ValueError, match="^bucket_cap_mb must be"):
         GossipDataParallel(nn.Linear(3, 2), bucket_cap_mb=math.inf)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="parallel.py: in params mode consensus_distance and average_replicas reuse the "
-    "wire-dtype buckets, so they measure and average in bfloat16 (average_replicas is not exact)",
-)
 def test_one_replica_is_at_consensus_on_any_wire(world_of_one) -> None:
     model = GossipDataParallel(nn.Linear(30, 20), wire_dtype=torch.bfloat16)
     assert model.consensus_distance() == 0.0
 
 
-@pytest.mark.xfail(strict=True, reason="parallel.py: a non-number bucket_cap_mb is a TypeError")
 def test_engine_rejects_a_text_bucket_cap() -> None:
     with pytest.raises(ValueError, match="^bucket_cap_mb must be"):
         GossipDataParallel(nn.Linear(3, 2), bucket_cap_mb="25")
 
 
-@pytest.mark.xfail(strict=True, reason="allreduce.py: bucket_cap_mb is not checked")
 def test_allreduce_rejects_a_negative_bucket_cap(world_of_one) -> None:
     with pytest.raises(ValueError, match="bucket_cap_mb"):
         wrap(nn.Linear(3, 2), "allreduce", bucket_cap_mb=-1.0)
 
 
-@pytest.mark.xfail(strict=True, reason="sampler.py: seeds beyond int64 overflow without a name")
 def test_sampler_rejects_a_seed_beyond_int64() -> None:
     with pytest.raises(ValueError, match="^seed must be"):
         GossipShuffleSampler(range(10), seed=2**63)
 
 
-@pytest.mark.xfail(strict=True, reason="schedule.py: rank and step are not checked to be ints")
 @pytest.mark.parametrize(("name", "args"), [("rank", (1.5, 0, 4)), ("step", (0, 2.5, 4))])
 def test_partners_rejects_fractional_rank_and_step(name: str, args: tuple) -> None:
     with pytest.raises(ValueError, match=rf"^{name} must be"):

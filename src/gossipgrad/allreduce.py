@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gossipgrad.consensus import average_, consensus_distance
 from gossipgrad.hierarchical import HierarchicalDataParallel
-from gossipgrad.mixing import make_buckets
+from gossipgrad.mixing import check_bucket_cap, make_buckets
 from gossipgrad.parallel import GossipDataParallel
 
 ALGOS = ("gossip", "allreduce", "hierarchical")
@@ -34,6 +34,7 @@ class AllReduceDataParallel(DistributedDataParallel):
         bucket_cap_mb: float = 25.0,
         **ddp_options: Any,
     ) -> None:
+        check_bucket_cap(bucket_cap_mb)
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "AllReduceDataParallel needs torch.distributed initialised: call "

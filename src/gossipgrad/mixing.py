@@ -15,6 +15,7 @@ partner (staleness 1). When nothing moved, ``x == s`` and both forms agree.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -34,6 +35,13 @@ class Bucket:
     @property
     def nbytes(self) -> int:
         return self.send.numel() * self.send.element_size()
+
+
+def check_bucket_cap(bucket_cap_mb: object) -> None:
+    """Raise ``ValueError`` unless ``bucket_cap_mb`` is a finite number > 0 (MiB)."""
+    ok = isinstance(bucket_cap_mb, (int, float)) and not isinstance(bucket_cap_mb, bool)
+    if not ok or not math.isfinite(bucket_cap_mb) or bucket_cap_mb <= 0:  # type: ignore[arg-type]
+        raise ValueError(f"bucket_cap_mb must be a finite number > 0 (MiB), got {bucket_cap_mb!r}")
 
 
 def make_buckets(
@@ -108,10 +116,10 @@ def mix_residual_(
     Summed over ranks the changes cancel (every snapshot is sent once and received once), so the
     average is kept even when ``s`` and ``r`` were rounded to a narrower wire dtype."""
     dtype = tensors[0].dtype if tensors else sent.dtype
-    if sent.dtype == dtype:  # two passes over memory: s <- s - r, then x <- x - w s
-        diff = sent.sub_(received)
-    else:  # compressed payloads: subtract in the parameters' precision, where it is exact
-        diff = sent.to(dtype).sub_(received.to(dtype))
+    # Two passes over memory: s <- s - r, then x <- x - w s. Compressed payloads are subtracted
+    # in the parameters' precision, where the difference is exact.
+    same = sent.dtype == dtype
+    diff = sent.sub_(received) if same else sent.to(dtype).sub_(received.to(dtype))
     torch._foreach_add_(list(tensors), views(diff, tensors), alpha=-weight)
 
 

@@ -46,7 +46,15 @@ from torch import nn
 from gossipgrad import _p2p
 from gossipgrad.consensus import average_, broadcast_, consensus_distance
 from gossipgrad.errors import NonFiniteError, PeerError
-from gossipgrad.mixing import Bucket, is_finite, make_buckets, mix_, mix_residual_, pack_
+from gossipgrad.mixing import (
+    Bucket,
+    check_bucket_cap,
+    is_finite,
+    make_buckets,
+    mix_,
+    mix_residual_,
+    pack_,
+)
 from gossipgrad.schedule import SCHEDULES, Exchange, plan
 
 MODES = ("params", "gradients")
@@ -318,8 +326,7 @@ def _validate(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if not bucket_cap_mb > 0:
-        raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb!r}")
+    check_bucket_cap(bucket_cap_mb)
     if not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0:
         raise ValueError(f"timeout must be a positive datetime.timedelta, got {timeout!r}")
     if on_nonfinite not in ON_NONFINITE:

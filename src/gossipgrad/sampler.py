@@ -77,8 +77,8 @@ class _Options:
                 "shuffle_fraction must be in [0, 1] (the share of a shard sent to the partner "
                 f"each epoch; 0 turns the shuffle off), got {fraction!r}"
             )
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not isinstance(self.timeout, timedelta) or self.timeout.total_seconds() <= 0:

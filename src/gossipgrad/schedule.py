@@ -101,14 +101,18 @@ def _permutation(world_size: int, seed: int, rnd: int) -> tuple[int, ...]:
 def _check(rank: int, step: int, world_size: int, schedule: str) -> None:
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
-    if not isinstance(world_size, int) or world_size < 1:
+    if not _is_int(world_size) or world_size < 1:
         raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, {world_size - 1}], got {rank!r}")
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step!r}")
+    if not _is_int(rank) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an integer in [0, {world_size - 1}], got {rank!r}")
+    if not _is_int(step) or step < 0:
+        raise ValueError(f"step must be an integer >= 0, got {step!r}")
     if schedule == "hypercube" and world_size & (world_size - 1):
         raise ValueError(
             f"schedule 'hypercube' needs a power-of-two world size, got {world_size}; "
             "use 'dissemination' (any size) or 'exact' (exact average for any size)"
         )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
