@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -69,7 +70,9 @@ def test_worker_failure_is_reported_in_a_line(tmp_path: Path, capsys) -> None:
     argv = [*_SMALL, "--algo", "allreduce", "--resume", str(tmp_path / "nothing")]
     assert cli.main(["train", *argv, "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
-    assert "gossipgrad: error: allreduce run failed: rank 0: CheckpointError: --resume" in err
+    # every rank fails the same way; whichever the launcher reports first is named
+    expected = r"gossipgrad: error: allreduce run failed: rank \d: CheckpointError: --resume"
+    assert re.search(expected, err), err
 
 
 @pytest.mark.parametrize(

@@ -98,7 +98,7 @@ def test_single_rank_and_bad_input() -> None:
     assert rounds_length(1, "exact") == exact_period(1) == 1
     with pytest.raises(ValueError, match="world_size"):
         exact_period(0)
-    with pytest.raises(ValueError, match="rank must be in"):
+    with pytest.raises(ValueError, match="rank must be an integer in"):
         plan(5, 0, 5, 0, "exact")
 
 
