@@ -2,6 +2,7 @@
 
     python benchmarks/step_time.py                       # p = 2, 4, 8; cnn and wide-mlp
     python benchmarks/step_time.py --procs 8 --models wide-mlp --steps 20
+    python benchmarks/step_time.py --procs 8 --models wide-mlp --wire-dtype bfloat16 --streams 2
 
 Each setting starts p gloo processes on this machine (loopback), trains the model on random
 digits-shaped batches, and reports the median step time after warm-up, the bytes each rank sends
@@ -47,7 +48,11 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace, label:
     algo, sync = ALGOS[label]
     torch.manual_seed(0)
     module = build_model(args.model, INFO)
-    model = module if algo == "compute" else gossipgrad.wrap(module, algo, sync=sync)
+    wire = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.wire_dtype]
+    if algo == "compute":
+        model = module
+    else:
+        model = gossipgrad.wrap(module, algo, sync=sync, wire_dtype=wire, streams=args.streams)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(args.batch, *INFO.input_shape, generator=g)
@@ -91,11 +96,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--wire-dtype", choices=["none", "bfloat16", "float16"], default="none")
+    parser.add_argument("--streams", type=int, default=1, help="connections per gossip partner")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     print(
         f"# step time, {os.cpu_count()} CPU cores, torch {torch.__version__}, batch {args.batch}"
-        f" per rank, median of {args.steps} steps after {args.warmup} warm-up\n"
+        f" per rank, median of {args.steps} steps after {args.warmup} warm-up, gossip wire dtype"
+        f" {args.wire_dtype}, {args.streams} stream(s)\n"
     )
     print(
         "| model | params | p | algorithm | step (ms) | vs all-reduce | MB sent/rank/step "
