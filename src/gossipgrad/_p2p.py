@@ -19,10 +19,8 @@ import torch.distributed as dist
 
 from gossipgrad.errors import PeerError
 
-# A gloo tag (31 bits) = channel (3 bits) | step mod 4096 (12 bits) | bucket (16 bits): users of
-# the same group and peer (the engine, the sampler) never match each other's messages, and nearby
-# steps never match either.
-CHANNELS = {"engine": 0, "sampler": 1}
+# A gloo tag (31 bits) = step mod 4096 (12 bits) | bucket (16 bits): messages of nearby steps never
+# match each other. Other users of point-to-point (the sampler) use a group of their own.
 _STEP_BITS, _BUCKET_BITS = 12, 16
 
 
@@ -50,7 +48,6 @@ def start(
     recv_from: int | None,
     step: int,
     group: dist.ProcessGroup,
-    channel: str = "engine",
     streams: list[dist.ProcessGroup] | None = None,
     index: int = 0,
 ) -> InFlight:
@@ -79,9 +76,7 @@ def start(
             assert peer is not None
             works = [(w, "exchange with", peer) for w in dist.batch_isend_irecv(ops)]
         return InFlight(works, step)
-    base = (CHANNELS[channel] << (_STEP_BITS + _BUCKET_BITS)) | (
-        (step % (1 << _STEP_BITS)) << _BUCKET_BITS
-    )
+    base = (step % (1 << _STEP_BITS)) << _BUCKET_BITS
     for b, (s, r) in enumerate(zip(sends, recvs, strict=True), start=index):
         lane = lanes[b % len(lanes)]
         posts = []

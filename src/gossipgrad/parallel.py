@@ -133,10 +133,9 @@ class GossipDataParallel(nn.Module):
         broadcast_(everything, make_buckets(everything, cap), self.group)
         self._buckets: list[Bucket] = make_buckets(self._mixed_tensors(), cap, wire_dtype)
         self._streams = _extra_groups(self.group, streams)
-        self._all_float = list(module.parameters()) + _float_buffers(module)
         # full-precision scratch for the collectives (the gossip buffers may be compressed)
         same = mode == "params" and wire_dtype is None
-        self._avg_buckets = self._buckets if same else make_buckets(self._all_float, cap)
+        self._avg_buckets = self._buckets if same else make_buckets(self._float_tensors(), cap)
         if mode == "gradients" and self.world_size > 1:
             for p in module.parameters():
                 if p.requires_grad:
@@ -254,12 +253,12 @@ class GossipDataParallel(nn.Module):
         """``RMS_i ||x_i - mean|| / ||mean||`` over parameters and float buffers (collective:
         every rank must call it at the same point)."""
         self.flush()
-        return consensus_distance(self._all_float, self._avg_buckets, self.group)
+        return consensus_distance(self._float_tensors(), self._avg_buckets, self.group)
 
     def average_replicas(self) -> None:
         """Set every replica to the exact average of all replicas (collective, one all-reduce)."""
         self.flush()
-        average_(self._all_float, self._avg_buckets, self.group)
+        average_(self._float_tensors(), self._avg_buckets, self.group)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -285,10 +284,15 @@ class GossipDataParallel(nn.Module):
 
     # --- helpers ------------------------------------------------------------------------------
 
+    def _float_tensors(self) -> list[torch.Tensor]:
+        """Parameters and floating-point buffers: what consensus and averaging cover."""
+        return list(self.module.parameters()) + _float_buffers(self.module)
+
     def _mixed_tensors(self) -> list[torch.Tensor]:
+        """What gossip mixes: parameters and float buffers, or only parameters (gradients)."""
         if self.mode == "gradients":
             return list(self.module.parameters())
-        return list(self.module.parameters()) + _float_buffers(self.module)
+        return self._float_tensors()
 
     def _check_finite(
         self, what: str, flats: list[torch.Tensor], source: int, step: int | None = None
