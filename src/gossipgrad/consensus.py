@@ -33,9 +33,10 @@ def consensus_distance(
         if world > 1:
             dist.all_reduce(mean, group=group)
         mean.div_(world)
+        mean64 = mean.double()
         local = torch.cat([t.reshape(-1) for t in own]).to(torch.float64)
-        sq_dist += (local - mean.double()).square().sum().cpu()
-        sq_norm += mean.double().square().sum().cpu()
+        sq_dist += (local - mean64).square().sum().cpu()
+        sq_norm += mean64.square().sum().cpu()
     sums = torch.stack([sq_dist, sq_norm]).to(buckets[0].recv.device if buckets else "cpu")
     if world > 1:
         dist.all_reduce(sums, group=group)
