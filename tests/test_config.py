@@ -37,6 +37,8 @@ def test_defaults_are_valid() -> None:
         ({"epochs": 2.5}, "--epochs must be int, got 2.5"),
         ({"quiet": "yes"}, "--quiet must be bool"),
         ({"keep_checkpoints": 0}, "--keep-checkpoints must be >= 1, got 0"),
+        ({"eval_every": -1}, "--eval-every must be >= 0, got -1"),
+        ({"eval_every": 1.5}, "--eval-every must be int, got 1.5"),
     ],
 )
 def test_bad_values_name_the_option(change: dict, message: str) -> None:
@@ -106,3 +108,10 @@ def test_help_lists_every_option_with_its_default() -> None:
     assert "--lr LR learning rate (default: 0.05)" in text
     assert "--sync, --no-sync" in text
     assert "--config FILE.toml" in text
+
+
+def test_eval_every_from_the_command_line() -> None:
+    assert load_config([]).eval_every == 0  # only at the end
+    assert load_config(["--eval-every", "2"]).eval_every == 2
+    with pytest.raises(SystemExit):
+        load_config(["--eval-every", "-1"])

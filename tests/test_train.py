@@ -105,3 +105,52 @@ def test_default_out(tmp_path: Path, monkeypatch) -> None:
     assert train.default_out(TrainConfig(resume="auto")) == "runs/20260101-000000"
     assert train.default_out(TrainConfig(out="mine", resume="auto")) == "mine"
     assert train.default_out(TrainConfig()) not in ("runs/20260101-000000", "runs/20250101-000000")
+
+
+_EVAL_KEYS = {"step", "epoch", "time", "test_loss", "test_acc", "eval_s"}
+
+
+@pytest.mark.parametrize("algo", ["gossip", "allreduce"])
+def test_eval_every_records_the_average_and_leaves_the_replicas_alone(
+    tmp_path: Path, algo: str
+) -> None:
+    # 2 epochs of 11 steps: one evaluation at the end of epoch 1, and the final one at step 22.
+    plain, evaluated = str(tmp_path / "plain"), str(tmp_path / "evaluated")
+    options = {"epochs": 2, "batch_size": 64}
+    run_world(_train, 2, algo, plain, options)
+    summary = run_world(_train, 2, algo, evaluated, {**options, "eval_every": 1})[0]
+
+    a = torch.load(Path(plain) / algo / "model.pt", weights_only=True)
+    b = torch.load(Path(evaluated) / algo / "model.pt", weights_only=True)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name  # evaluating changed nothing, bit for bit
+    lines = (Path(evaluated) / algo / "metrics.jsonl").read_text().splitlines()
+    evals = [r for r in map(json.loads, lines) if "test_acc" in r]
+    assert [(r["step"], r["epoch"]) for r in evals] == [(11, 1), (22, 2)]
+    assert all(set(r) == _EVAL_KEYS for r in evals)
+    assert all(0.0 <= r["test_acc"] <= 1.0 and r["eval_s"] > 0 for r in evals)
+    assert evals[0]["test_acc"] > 0.3  # the average of 11 steps' replicas beats chance (0.1)
+    assert evals[-1]["test_acc"] == summary["test_accuracy"]
+    assert 0 < evals[0]["time"] < evals[1]["time"] == summary["train_time_s"]
+
+
+def _average_into_scratch(rank: int, world: int) -> tuple[list, list, list]:
+    module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    scratch = train._scratch_module(TrainConfig(eval_every=1), "gossip", module)
+    with torch.no_grad():
+        for t in train._float_state(module):
+            t.fill_(float(rank + 1))  # rank 0 holds 1s, rank 1 holds 2s
+    before = [t.clone() for t in train._float_state(module)]
+    train._average_into(scratch, module)
+    return before, train._float_state(module), train._float_state(scratch)
+
+
+def test_average_into_fills_the_scratch_copy_with_the_mean_only() -> None:
+    for rank, (before, own, averaged) in enumerate(run_world(_average_into_scratch, 2)):
+        assert len(own) == len(averaged) == 6  # weight, bias, BN weight, bias, mean, var
+        assert all(torch.equal(b, o) for b, o in zip(before, own, strict=True)), rank
+        assert all(torch.equal(t, torch.full_like(t, 1.5)) for t in averaged), rank
+    assert (
+        train._scratch_module(TrainConfig(eval_every=1), "allreduce", torch.nn.Linear(1, 1)) is None
+    )
+    assert train._scratch_module(TrainConfig(), "gossip", torch.nn.Linear(1, 1)) is None

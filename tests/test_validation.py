@@ -96,6 +96,7 @@ _NUMBERS = {
     "max_steps": _Range(int, 0),
     "log_every": _Range(int, 1),
     "consensus_every": _Range(int, 0),
+    "eval_every": _Range(int, 0),
     "checkpoint_every": _Range(int, 0),
     "keep_checkpoints": _Range(int, 1),
     "lr": _Range(float, 0.0, low_open=True),

@@ -128,6 +128,13 @@ class TrainConfig:
         default=0.5,
         metadata=_opt("warn when the consensus distance goes above this (0: never)"),
     )
+    eval_every: int = field(
+        default=0,
+        metadata=_opt(
+            "epochs between held-out evaluations of the replicas' exact average, recorded in "
+            "metrics.jsonl with the training time (0: only at the end)"
+        ),
+    )
     checkpoint_every: int = field(default=0, metadata=_opt("steps between checkpoints (0: none)"))
     keep_checkpoints: int = field(default=3, metadata=_opt("checkpoints kept (the latest ones)"))
     resume: str = field(
@@ -173,6 +180,7 @@ class TrainConfig:
         _at_least(self, "log_every", 1)
         _at_least(self, "consensus_every", 0)
         _at_least(self, "consensus_warn", 0.0)
+        _at_least(self, "eval_every", 0)
         _at_least(self, "checkpoint_every", 0)
         _at_least(self, "keep_checkpoints", 1)
         if not self.dataset:

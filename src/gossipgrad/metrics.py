@@ -26,7 +26,13 @@ from typing import Any
 from tqdm.auto import tqdm
 
 METRICS_FILE = "metrics.jsonl"
-_BAR_KEYS = {"loss": "loss", "acc": "acc", "consensus": "cons", "samples_per_s": "samples/s"}
+_BAR_KEYS = {
+    "loss": "loss",
+    "acc": "acc",
+    "consensus": "cons",
+    "samples_per_s": "samples/s",
+    "test_acc": "test acc",
+}
 
 
 class MetricsLog:

@@ -4,7 +4,8 @@
     # -> runs/x/report.png, runs/x/summary.json; format_table(...) gives the printed table
 
 The image (matplotlib, Agg backend, no display needed) shows the training loss and accuracy
-against step and against wall time for each algorithm, and the consensus distance over time.
+against step and against wall time for each algorithm, the consensus distance over time, and,
+with ``--eval-every``, the held-out accuracy of the replicas' average against training time.
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ def plot_report(
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend()
+    _plot_held_out(axes[1, 1], records)
 
     ax = axes[0, 2]
     for algo, recs in records.items():
@@ -132,6 +134,22 @@ def plot_report(
     fig.suptitle(f"gossipgrad: gossip vs all-reduce ({setting(first)})", fontsize=14)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _plot_held_out(ax: Any, records: dict[str, list[dict[str, Any]]]) -> None:
+    """Held-out accuracy of the averaged model (``--eval-every`` records) against training time,
+    over the training accuracy."""
+    shown = False
+    for algo, recs in records.items():
+        xs, ys = _series(recs, "time", "test_acc")
+        if xs:
+            label = f"{_LABELS.get(algo, algo)}: held-out, averaged model"
+            ax.plot(xs, ys, color=_COLORS.get(algo), ls="--", marker="o", ms=4, label=label)
+            shown = True
+    if shown:
+        ax.set_title("accuracy vs training time (evaluations excluded)")
+        ax.set_xlabel("training time (s)")
+        ax.legend()
 
 
 def _series(records: list[dict[str, Any]], x_key: str, y_key: str) -> tuple[list, list]:

@@ -13,10 +13,16 @@ afresh; with ``--resume auto`` they continue from the last checkpoint.
 call it in-process). A run writes to ``<out>/<algo>/``: ``metrics.jsonl``, ``checkpoints/``, and
 at the end ``model.pt`` (the exact average of the replicas, a ``state_dict``) and
 ``summary.json``; ``<out>/report.png`` and ``<out>/summary.json`` compare the algorithms run.
+
+``--eval-every N`` evaluates the exact average of the replicas on the held-out split every N
+epochs, in a scratch copy of the module (the replicas themselves are not changed), and records
+``test_loss`` / ``test_acc`` in ``metrics.jsonl`` with ``time``, the training time so far: the
+clock of every record stops while evaluating, so ``time`` never counts evaluations.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import socket
@@ -38,6 +44,7 @@ from gossipgrad.allreduce import wrap
 from gossipgrad.config import TrainConfig, load_config
 from gossipgrad.data import load_dataset
 from gossipgrad.metrics import MetricsLog
+from gossipgrad.mixing import views
 from gossipgrad.models import build_model, default_model, task_loss
 from gossipgrad.sampler import GossipShuffleSampler
 
@@ -168,6 +175,7 @@ def train(cfg: TrainConfig, algo: str) -> dict[str, Any]:
     train_set, test_set, info = load_dataset(cfg.dataset, seed=cfg.seed)
     model_name = default_model(info) if cfg.model == "auto" else cfg.model
     module = build_model(model_name, info).to(device)
+    scratch = _scratch_module(cfg, algo, module)  # before wrap() adds hooks to the module
     model = wrap(
         module,
         algo,
@@ -247,6 +255,13 @@ def train(cfg: TrainConfig, algo: str) -> dict[str, Any]:
                 if log is not None:
                     log.record(entry)
                     progress.history = log.history
+            if _eval_due(cfg, progress.step, steps_per_epoch, total_steps):
+                entry = _evaluate_average(cfg, model, scratch, test_set, progress, began)
+                began += entry["eval_s"]  # the training clock stops while evaluating
+                progress.window.began += entry["eval_s"]
+                if log is not None:
+                    log.record(entry)
+                    progress.history = log.history
             if cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0:
                 progress.elapsed_s = time.perf_counter() - began
                 _save(cfg, run_dir, identity, model, optimizer, sampler, progress)
@@ -269,6 +284,8 @@ def train(cfg: TrainConfig, algo: str) -> dict[str, Any]:
     if isinstance(sampler, GossipShuffleSampler):
         sampler.flush()
     if log is not None:
+        if cfg.eval_every:
+            log.record(_final_eval_record(summary, progress))
         log.close()
         report.write_json(run_dir / SUMMARY_FILE, summary)
         torch.save({k: v.cpu() for k, v in module.state_dict().items()}, run_dir / MODEL_FILE)
@@ -295,8 +312,10 @@ def _finish(
     """Average the replicas exactly, evaluate the average, and summarise the run."""
     model.flush()
     consensus = model.consensus_distance()
+    start = time.perf_counter()
     model.average_replicas()
     test_loss, test_acc = evaluate(module, test_set, batch_size=max(256, cfg.batch_size))
+    eval_s = time.perf_counter() - start
     device = next(module.parameters()).device
     sent = torch.tensor([float(progress.bytes_sent)], dtype=torch.float64, device=device)
     dist.all_reduce(sent)
@@ -310,6 +329,7 @@ def _finish(
         "samples_per_s": progress.step * cfg.batch_size * world / max(progress.elapsed_s, 1e-9),
         "test_accuracy": test_acc,
         "test_loss": test_loss,
+        "eval_s": eval_s,
         "train_loss": train_records[-1]["loss"] if train_records else None,
         "bytes_per_rank_per_step": sent.item() / world / steps,
         "consensus_distance": consensus,
@@ -334,7 +354,9 @@ def evaluate(
     module.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, targets
     share = Subset(dataset, range(rank, len(dataset), world))
-    for x, y in DataLoader(share, batch_size=batch_size):
+    # its own generator: a DataLoader draws its base seed from the global RNG otherwise, and an
+    # evaluation mid-run must not change what training draws next
+    for x, y in DataLoader(share, batch_size=batch_size, generator=torch.Generator()):
         x, y = x.to(device), y.to(device)
         output = module(x)
         sums[0] += task_loss(output, y).double() * y.numel()
@@ -344,6 +366,85 @@ def evaluate(
     module.train(was_training)
     loss, correct, count = sums.tolist()
     return loss / max(count, 1), correct / max(count, 1)
+
+
+# --- held-out evaluation during training -------------------------------------------------------
+
+
+def _scratch_module(cfg: TrainConfig, algo: str, module: torch.nn.Module) -> torch.nn.Module | None:
+    """A copy of ``module`` to evaluate the replicas' average in, with ``--eval-every``; None
+    when there is nothing to evaluate periodically, or the replicas are identical (all-reduce)."""
+    if not cfg.eval_every or algo == "allreduce":
+        return None
+    return copy.deepcopy(module)
+
+
+def _eval_due(cfg: TrainConfig, step: int, steps_per_epoch: int, total_steps: int) -> bool:
+    """Every ``eval_every`` epochs, except at the last step: ``_finish`` evaluates there."""
+    period = cfg.eval_every * steps_per_epoch
+    return period > 0 and step < total_steps and step % period == 0
+
+
+def _evaluate_average(
+    cfg: TrainConfig,
+    model: Any,
+    scratch: torch.nn.Module | None,
+    test_set: Dataset,
+    progress: Progress,
+    began: float,
+) -> dict[str, Any]:
+    """Held-out loss and accuracy of the replicas' exact average, evaluated in ``scratch`` (or in
+    the module itself when the replicas are identical); the replicas are left as they are
+    (collective). ``time`` is the training time so far; ``eval_s`` what this took."""
+    model.flush()  # the exchange in flight is training time; the next forward would wait for it
+    start = time.perf_counter()
+    target = model.module if scratch is None else _average_into(scratch, model.module)
+    test_loss, test_acc = evaluate(target, test_set, batch_size=max(256, cfg.batch_size))
+    return {
+        "step": progress.step,
+        "epoch": progress.epoch + 1,  # called at the end of an epoch, before the count moves on
+        "time": start - began,
+        "test_loss": test_loss,
+        "test_acc": test_acc,
+        "eval_s": time.perf_counter() - start,
+    }
+
+
+def _final_eval_record(summary: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    """The end-of-run evaluation (``_finish``'s) as a record like ``_evaluate_average``'s."""
+    return {
+        "step": progress.step,
+        "epoch": summary["epochs"],
+        "time": progress.elapsed_s,
+        "test_loss": summary["test_loss"],
+        "test_acc": summary["test_accuracy"],
+        "eval_s": summary["eval_s"],
+    }
+
+
+@torch.no_grad()
+def _average_into(scratch: torch.nn.Module, module: torch.nn.Module) -> torch.nn.Module:
+    """Set ``scratch``'s parameters and float buffers to the exact mean over ranks of
+    ``module``'s (one all-reduce per dtype, into a temporary buffer); return ``scratch``."""
+    world = dist.get_world_size()
+    sources, targets = _float_state(module), _float_state(scratch)
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, t in enumerate(sources):
+        groups.setdefault((t.dtype, t.device), []).append(i)
+    for indices in groups.values():
+        flat = torch.cat([sources[i].reshape(-1) for i in indices])
+        if world > 1:
+            dist.all_reduce(flat)
+            flat.div_(world)
+        into = [targets[i] for i in indices]
+        torch._foreach_copy_(into, views(flat, into))
+    return scratch
+
+
+def _float_state(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Parameters and floating-point buffers, in a fixed order (equal for a deep copy)."""
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
+    return list(module.parameters()) + buffers
 
 
 # --- steps, records ------------------------------------------------------------------------------
