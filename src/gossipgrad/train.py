@@ -271,6 +271,7 @@ def train(cfg: TrainConfig, algo: str) -> dict[str, Any]:
         else:
             progress.epoch += 1
 
+    model.flush()  # the last exchange is training time too
     progress.elapsed_s = time.perf_counter() - began
     if cfg.checkpoint_every and last_saved != progress.step:
         _save(cfg, run_dir, identity, model, optimizer, sampler, progress)
