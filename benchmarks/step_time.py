@@ -6,9 +6,14 @@
 
 Each setting starts p gloo processes on this machine (loopback), trains the model on random
 digits-shaped batches, and reports the median step time after warm-up, the bytes each rank sends
-per step, and the replicas' consensus distance at the end. "compute only" trains the bare module
-with no communication at all: with more processes than cores it shows how much of a step is the
-CPU itself. Prints a markdown table.
+per step, the CPU time all ranks spend per step (user + system, gloo's threads and the kernel's
+loopback copies included), and the replicas' consensus distance at the end. Prints a markdown table.
+
+Two reference rows bound what any engine could do here. "compute only" trains the bare module with
+no communication at all. "compute + bare exchange" adds, after each step, a blocking exchange of
+the model's bytes with the step's gossip partner and nothing else (no snapshot, no mixing, no
+overlap): with more processes than cores the CPU is the bottleneck, overlap cannot hide what the
+CPU has to do anyway, and this row is close to the least a one-partner exchange can cost.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
@@ -29,9 +35,11 @@ from torch import nn
 import gossipgrad
 from gossipgrad.data import DatasetInfo
 from gossipgrad.models import build_model
+from gossipgrad.schedule import plan
 
 ALGOS = {  # label -> (algo, sync); "compute" trains the bare module with no communication
     "compute only": ("compute", False),
+    "compute + bare exchange": ("floor", False),
     "all-reduce": ("allreduce", False),
     "gossip sync": ("gossip", True),
     "gossip overlapped": ("gossip", False),
@@ -49,7 +57,7 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace, label:
     torch.manual_seed(0)
     module = build_model(args.model, INFO)
     wire = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.wire_dtype]
-    if algo == "compute":
+    if algo in ("compute", "floor"):
         model = module
     else:
         model = gossipgrad.wrap(module, algo, sync=sync, wire_dtype=wire, streams=args.streams)
@@ -57,17 +65,24 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace, label:
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(args.batch, *INFO.input_shape, generator=g)
     y = torch.randint(0, INFO.num_classes, (args.batch,), generator=g)
+    exchange = _bare_exchange(module, rank, world) if algo == "floor" else None
     times = []
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             dist.barrier()
+            cpu_start = time.process_time()
         start = time.perf_counter()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
         opt.zero_grad()
+        if exchange is not None:
+            exchange(step)
         times.append(time.perf_counter() - start)
+    busy = time.process_time() - cpu_start  # this process, all threads, user + system
+    cpu = torch.tensor([busy / args.steps], dtype=torch.float64)
+    dist.all_reduce(cpu)
     distance = float("nan")
-    if algo != "compute":
+    if algo not in ("compute", "floor"):
         model.flush()
         distance = model.consensus_distance()
     if rank == 0:
@@ -75,18 +90,41 @@ def _worker(rank: int, world: int, folder: str, args: argparse.Namespace, label:
         params = sum(p.numel() for p in module.parameters())
         with open(os.path.join(folder, "result.txt"), "w") as f:
             sent = getattr(model, "bytes_sent_last_step", 0)
-            f.write(f"{statistics.median(steady)} {sent} {distance} {params}")
+            sent = params * 4 if algo == "floor" else sent
+            f.write(f"{statistics.median(steady)} {sent} {distance} {params} {cpu.item()}")
     dist.destroy_process_group()
 
 
-def _measure(args: argparse.Namespace, label: str, world: int) -> tuple[float, int, float, int]:
+def _bare_exchange(module: nn.Module, rank: int, world: int) -> Callable[[int], None]:
+    """A blocking send/receive of the model's bytes (25 MiB messages, as the engine's buckets)
+    with the step's gossip partner."""
+    numel = sum(p.numel() for p in module.parameters())
+    chunk = 25 * 2**20 // 4
+    sends = [torch.randn(min(chunk, numel - i)) for i in range(0, numel, chunk)]
+    recvs = [torch.empty_like(t) for t in sends]
+
+    def exchange(step: int) -> None:
+        ex = plan(rank, step, world)
+        works = []
+        for tag, (s, r) in enumerate(zip(sends, recvs, strict=True)):
+            works.append(dist.irecv(r, ex.recv_from, tag=tag))
+            works.append(dist.isend(s, ex.send_to, tag=tag))
+        for work in works:
+            work.wait()
+
+    return exchange
+
+
+def _measure(
+    args: argparse.Namespace, label: str, world: int
+) -> tuple[float, int, float, int, float]:
     with tempfile.TemporaryDirectory() as folder:
         mp.start_processes(
             _worker, args=(world, folder, args, label), nprocs=world, start_method="fork"
         )
         with open(os.path.join(folder, "result.txt")) as f:
-            step, sent, distance, params = f.read().split()
-    return float(step), int(sent), float(distance), int(params)
+            step, sent, distance, params, cpu = f.read().split()
+    return float(step), int(sent), float(distance), int(params), float(cpu)
 
 
 def main() -> None:
@@ -106,20 +144,20 @@ def main() -> None:
         f" {args.wire_dtype}, {args.streams} stream(s)\n"
     )
     print(
-        "| model | params | p | algorithm | step (ms) | vs all-reduce | MB sent/rank/step "
-        "| consensus distance |"
+        "| model | params | p | algorithm | step (ms) | vs all-reduce | CPU ms/step, all ranks "
+        "| MB sent/rank/step | consensus distance |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for model in args.models:
         for world in args.procs:
             args.model = model
             rows = {label: _measure(args, label, world) for label in ALGOS}
             base = rows["all-reduce"][0]
-            for label, (step, sent, distance, params) in rows.items():
+            for label, (step, sent, distance, params, cpu) in rows.items():
                 ratio = "–" if label == "compute only" else f"{base / step:.2f}x"
                 print(
                     f"| {model} | {params / 1e6:.1f}M | {world} | {label} | {step * 1e3:.1f} "
-                    f"| {ratio} | {sent / 1e6:.1f} | {distance:.2e} |",
+                    f"| {ratio} | {cpu * 1e3:.0f} | {sent / 1e6:.1f} | {distance:.2e} |",
                     flush=True,
                 )
     sys.stdout.flush()

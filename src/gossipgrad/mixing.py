@@ -109,9 +109,17 @@ def mix_(tensors: Sequence[torch.Tensor], received: torch.Tensor, weight: float)
 
 @torch.no_grad()
 def mix_residual_(
-    tensors: Sequence[torch.Tensor], sent: torch.Tensor, received: torch.Tensor, weight: float
-) -> None:
-    """Overlapped mixing: ``x <- x + w (r - s)``; ``sent`` may be overwritten.
+    tensors: Sequence[torch.Tensor],
+    sent: torch.Tensor,
+    received: torch.Tensor,
+    weight: float,
+    *,
+    require_finite: bool = False,
+) -> bool:
+    """Overlapped mixing: ``x <- x + w (r - s)``; ``sent`` may be overwritten. Returns whether
+    it mixed: with ``require_finite``, a NaN or inf in ``s - r`` (so in ``s`` or in ``r``) leaves
+    ``tensors`` unchanged and returns False. That one check on the difference stands for checking
+    the snapshot and the received buffer apart, at the cost of one pass instead of two.
 
     Summed over ranks the changes cancel (every snapshot is sent once and received once), so the
     average is kept even when ``s`` and ``r`` were rounded to a narrower wire dtype."""
@@ -120,7 +128,10 @@ def mix_residual_(
     # in the parameters' precision, where the difference is exact.
     same = sent.dtype == dtype
     diff = sent.sub_(received) if same else sent.to(dtype).sub_(received.to(dtype))
+    if require_finite and not is_finite(diff):
+        return False
     torch._foreach_add_(list(tensors), views(diff, tensors), alpha=-weight)
+    return True
 
 
 def is_finite(flat: torch.Tensor) -> bool:

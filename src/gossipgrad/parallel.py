@@ -174,8 +174,6 @@ class GossipDataParallel(nn.Module):
         inflights = []
         for index, b in enumerate(self._buckets):  # bucket 0 is on the wire while 1 is packed
             pack_(b.send, [tensors[i] for i in b.indices])
-            if ex.send_to is not None:
-                self._check_finite("local", [b.send], self.rank)
             inflights.append(self._start([b], ex, index))
         self.bytes_sent_last_step = self._payload_bytes(ex)
         self._pending = (inflights, ex)
@@ -214,8 +212,11 @@ class GossipDataParallel(nn.Module):
             self._wait(inflight)
             if ex.recv_from is None:
                 continue
-            if self._check_finite("received", [b.recv], ex.recv_from, inflight.step):
-                mix_residual_([tensors[i] for i in b.indices], b.send, b.recv, ex.weight)
+            own = [tensors[i] for i in b.indices]
+            if not mix_residual_(own, b.send, b.recv, ex.weight, require_finite=True):
+                # s - r is not finite: the received buffer, or else this rank's own snapshot
+                what = "local" if is_finite(b.recv) else "received"
+                self._nonfinite(what, ex.recv_from, inflight.step)
 
     def _wait(self, inflight: _p2p.InFlight) -> None:
         try:
@@ -241,7 +242,7 @@ class GossipDataParallel(nn.Module):
         if ex.recv_from is None:
             return
         for b in self._buckets:
-            if self._check_finite("received", [b.recv], ex.recv_from, self.step - 1):
+            if self._check_finite(b.recv, ex.recv_from, self.step - 1):
                 mix_([grads[i] for i in b.indices], b.recv, ex.weight)
         for p, g in zip(params, grads, strict=True):
             if p.grad is None and p.requires_grad:
@@ -294,12 +295,15 @@ class GossipDataParallel(nn.Module):
             return list(self.module.parameters())
         return self._float_tensors()
 
-    def _check_finite(
-        self, what: str, flats: list[torch.Tensor], source: int, step: int | None = None
-    ) -> bool:
-        if all(is_finite(f) for f in flats):
+    def _check_finite(self, flat: torch.Tensor, source: int, step: int) -> bool:
+        """Whether ``flat``, received from ``source``, is finite (else raise or warn)."""
+        if is_finite(flat):
             return True
-        step = self.step if step is None else step
+        self._nonfinite("received", source, step)
+        return False
+
+    def _nonfinite(self, what: str, source: int, step: int) -> None:
+        """Raise ``NonFiniteError``, or warn (``on_nonfinite="skip"``: the caller skips)."""
         where = (
             "its own parameters" if what == "local" else f"parameters received from rank {source}"
         )
@@ -309,8 +313,7 @@ class GossipDataParallel(nn.Module):
         )
         if self.on_nonfinite == "raise":
             raise NonFiniteError(message + "; on_nonfinite='skip' would skip such exchanges")
-        warnings.warn(message + "; skipping this exchange", RuntimeWarning, stacklevel=3)
-        return False
+        warnings.warn(message + "; skipping this exchange", RuntimeWarning, stacklevel=4)
 
 
 def _float_buffers(module: nn.Module) -> list[torch.Tensor]:
