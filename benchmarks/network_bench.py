@@ -5,6 +5,13 @@ Driver (loops over settings, writes benchmarks/results/network_bench.json, print
 
     python benchmarks/network_bench.py --hosts 2 4 8 --rates 1gbit 10gbit
 
+A balanced setting (a batch whose compute-only step is about the exchange floor, model bytes /
+link rate), in a summary of its own so the one above (the cost model's calibration) stays as is:
+
+    python benchmarks/network_bench.py --hosts 4 --rates 1gbit --batch 64 \
+        --phases compute exchange ddp gossip-overlap \
+        --summary benchmarks/results/network_balanced.json
+
 One setting by hand (what the driver runs; rank 0 writes the JSON):
 
     benchmarks/netcluster.sh run 4 1gbit -- sh -c 'GLOO_SOCKET_IFNAME=$NC_IFACE torchrun \
@@ -13,7 +20,8 @@ One setting by hand (what the driver runs; rank 0 writes the JSON):
         --out benchmarks/results/network_4x1gbit.json'
 
 Per setting, on a communication-heavy MLP (``wide-mlp``, 29.4M parameters by default) and
-synthetic data, after ``--warmup`` steps it times ``--steps`` steps of:
+synthetic data (``--batch`` samples per step per host, 16 by default), after ``--warmup`` steps
+it times ``--steps`` steps of:
 
 - ``compute``: forward, backward, SGD step, no communication (all hosts at once, as in training);
 - ``exchange``: a bare isend/irecv of the model's bytes with this step's gossip partner, reported
@@ -115,10 +123,12 @@ def _timed(
     return {"step_s": float(worst[1]), "mean_s": float(worst[0]), "rank0_steps_s": times}
 
 
-def _training(model: nn.Module, params: list[nn.Parameter], seed: int) -> Callable[[int], None]:
+def _training(
+    model: nn.Module, params: list[nn.Parameter], seed: int, batch: int
+) -> Callable[[int], None]:
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(16, 3, 32, 32, generator=gen)
-    y = torch.randint(0, 10, (16,), generator=gen)
+    x = torch.randn(batch, 3, 32, 32, generator=gen)
+    y = torch.randint(0, 10, (batch,), generator=gen)
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
 
     def step(_i: int) -> None:
@@ -155,7 +165,7 @@ def _phase(name: str, args: argparse.Namespace) -> dict[str, float | list[float]
     # Compute alone first, right before the wrapped steps: the machine's load drifts, so each
     # algorithm's efficiency is taken against the compute time measured next to it.
     params = list(module.parameters())
-    compute = _timed(_training(module, params, rank), args, nothing)
+    compute = _timed(_training(module, params, rank, args.batch), args, nothing)
     if name == "compute":
         return compute
     if name == "ddp":
@@ -164,7 +174,10 @@ def _phase(name: str, args: argparse.Namespace) -> dict[str, float | list[float]
     else:
         model = GossipDataParallel(module, sync=name == "gossip-sync")
         finish = model.flush
-    return {"compute_s": compute["step_s"], **_timed(_training(model, params, rank), args, finish)}
+    return {
+        "compute_s": compute["step_s"],
+        **_timed(_training(model, params, rank, args.batch), args, finish),
+    }
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -179,7 +192,7 @@ def worker(args: argparse.Namespace) -> None:
         "link_bytes_per_s": link,
         "model_bytes": model_bytes,
         "params": model_bytes // 4,
-        "batch": 16,
+        "batch": args.batch,
         "warmup": args.warmup,
         "steps": args.steps,
         "threads_per_host": args.threads,
@@ -211,7 +224,8 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def _run_setting(hosts: int, rate: str, args: argparse.Namespace) -> dict | None:
-    final = RESULTS / f"network_{hosts}x{rate}.json"
+    batch = "" if args.batch == 16 else f"_b{args.batch}"
+    final = RESULTS / f"network_{hosts}x{rate}{batch}.json"
     out = final.with_suffix(".partial")  # renamed once the setting succeeds
     out.unlink(missing_ok=True)
     threads = args.threads or max(1, (os.cpu_count() or 1) // hosts)
@@ -220,7 +234,8 @@ def _run_setting(hosts: int, rate: str, args: argparse.Namespace) -> dict | None
         "--master-addr", "$NC_MASTER", "--master-port", "29600",
         str(Path(__file__).resolve()), "--worker", "--rate", rate, "--out", str(out),
         "--threads", str(threads), "--warmup", str(args.warmup), "--steps", str(args.steps),
-        "--width", str(args.width), "--depth", str(args.depth), "--phases", *args.phases,
+        "--width", str(args.width), "--depth", str(args.depth), "--batch", str(args.batch),
+        "--phases", *args.phases,
     ]  # fmt: skip
     script = "GLOO_SOCKET_IFNAME=$NC_IFACE OMP_NUM_THREADS={} exec {}".format(
         threads, " ".join(a if a.startswith("$") else shlex.quote(a) for a in inner)
@@ -256,10 +271,10 @@ def _wait_for_network(timeout: float) -> None:
 def table(results: list[dict]) -> str:
     """A markdown table: per algorithm, step ms / compute ms measured next to it (efficiency)."""
     head = (
-        "| hosts | rate | compute ms | DDP step / compute ms (eff) | gossip sync | "
+        "| hosts | rate | batch | compute ms | DDP step / compute ms (eff) | gossip sync | "
         "gossip overlap | bare all-reduce ms (link %) | bare exchange ms (link %) | load |"
     )
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 10]
     for r in results:
         ph = r["phases"]
         compute = ph["compute"]["step_s"] if "compute" in ph else None
@@ -276,7 +291,7 @@ def table(results: list[dict]) -> str:
             return f"{ph[name]['step_s'] * 1e3:.0f} ({100 * r[key]:.0f}%)"
 
         lines.append(
-            f"| {r['hosts']} | {r['rate']} | "
+            f"| {r['hosts']} | {r['rate']} | {r.get('batch', 16)} | "
             + (f"{compute * 1e3:.0f}" if compute else "-")
             + f" | {cell('ddp')} | {cell('gossip-sync')} | {cell('gossip-overlap')} | "
             f"{bare('allreduce', 'allreduce_link_fraction')} | "
@@ -284,6 +299,10 @@ def table(results: list[dict]) -> str:
             f"{r.get('load_average_1min', float('nan')):.1f} |"
         )
     return "\n".join(lines)
+
+
+def _setting(result: dict) -> tuple[int, str, int]:
+    return result["hosts"], result["rate"], result.get("batch", 16)
 
 
 def driver(args: argparse.Namespace) -> None:
@@ -294,14 +313,14 @@ def driver(args: argparse.Namespace) -> None:
             r = _run_setting(hosts, rate, args)
             if r is not None:
                 results.append(r)
-    summary = RESULTS / "network_bench.json"
+    summary = Path(args.summary)
     if summary.exists() and args.merge:
         kept = json.loads(summary.read_text())
-        new = {(r["hosts"], r["rate"]) for r in results}
-        results = [r for r in kept if (r["hosts"], r["rate"]) not in new] + results
-    results.sort(key=lambda r: (rate_bytes(r["rate"]), r["hosts"]))
+        new = {_setting(r) for r in results}
+        results = [r for r in kept if _setting(r) not in new] + results
+    results.sort(key=lambda r: (rate_bytes(r["rate"]), r["hosts"], r.get("batch", 16)))
     summary.write_text(json.dumps(results, indent=1))
-    print(f"\nwide-mlp {args.width}x{args.depth}, batch 16, {args.steps} timed steps; "
+    print(f"\nwide-mlp {args.width}x{args.depth}, batch {args.batch}, {args.steps} timed steps; "
           f"{os.cpu_count()} CPU cores shared by all hosts\n")  # fmt: skip
     print(table(results))
     print(f"\nwrote {summary}")
@@ -312,6 +331,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hosts", type=int, nargs="+", default=[2, 4], help="driver: host counts")
     p.add_argument("--rates", nargs="+", default=["1gbit"], help="driver: link rates (tc syntax)")
     p.add_argument("--merge", action="store_true", help="driver: keep other settings' results")
+    p.add_argument(
+        "--summary", default=str(RESULTS / "network_bench.json"), help="driver: the summary JSON"
+    )
     p.add_argument("--timeout", type=float, default=900, help="driver: seconds per setting")
     p.add_argument("--worker", action="store_true", help="run one host's process (torchrun)")
     p.add_argument("--rate", default="1gbit", help="worker: the link rate, for the link fraction")
@@ -321,9 +343,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--width", type=int, default=4096, help="wide-mlp hidden width")
     p.add_argument("--depth", type=int, default=2, help="wide-mlp hidden layers")
+    p.add_argument("--batch", type=int, default=16, help="samples per step per host")
     p.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
     args = p.parse_args(argv)
-    for name in ("warmup", "steps", "width", "depth"):
+    for name in ("warmup", "steps", "width", "depth", "batch"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.threads < 0:
