@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from _dist import run_world
-from test_parallel import _batch, _fit, _flat, _model, _Recorder
+from _toy import Recorder, batch, fit, flat, toy_model
 from torch import nn
 
 import gossipgrad
@@ -26,7 +26,7 @@ def _gather(t: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _step(model: nn.Module, opt: torch.optim.Optimizer, rank: int, t: int) -> None:
-    x, y = _batch(rank, t)
+    x, y = batch(rank, t)
     nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
     opt.zero_grad()
@@ -36,12 +36,12 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, rank: int, t: int) -> No
 
 
 def _per_step_params(rank: int, world: int, sync: bool) -> list[list[torch.Tensor]]:
-    model = HierarchicalDataParallel(_model(), ranks_per_node=2, sync=sync)
+    model = HierarchicalDataParallel(toy_model(), ranks_per_node=2, sync=sync)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     history = []
     for t in range(6):
         _step(model, opt, rank, t)  # every rank sees its own batches
-        history.append(_gather(_flat(model.module, buffers=False)))
+        history.append(_gather(flat(model.module, buffers=False)))
     model.flush()
     return history
 
@@ -58,13 +58,13 @@ def test_ranks_of_a_node_hold_identical_parameters_after_every_step(sync: bool) 
 
 
 def _traffic(rank: int, world: int) -> tuple[list[list[tuple]], list[int], int]:
-    model = HierarchicalDataParallel(_model(), ranks_per_node=2, streams=2)
+    model = HierarchicalDataParallel(toy_model(), ranks_per_node=2, streams=2)
     model_bytes = sum(t.numel() * t.element_size() for t in model.module.state_dict().values())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     per_step, sent = [], []
     for t in range(6):
         events: list[tuple] = []
-        with _Recorder(events):
+        with Recorder(events):
             _step(model, opt, rank, t)
         per_step.append(events)
         sent.append(model.bytes_sent_last_step)
@@ -87,7 +87,7 @@ def test_only_leaders_send_across_nodes_to_one_leader_per_step() -> None:
             assert {e[1] for e in sends + recvs} <= leaders - {rank}
             assert sum(e[2] for e in sends) <= 1.05 * model_bytes
             assert sent[t] == sum(e[2] for e in sends)
-            collectives = {e[0] for e in events if e[0] in _Recorder.COLLECTIVES}
+            collectives = {e[0] for e in events if e[0] in Recorder.COLLECTIVES}
             assert collectives <= {"broadcast"}, "inside the node: the leader's replica only"
 
 
@@ -95,20 +95,20 @@ def test_only_leaders_send_across_nodes_to_one_leader_per_step() -> None:
 
 
 def _mixing(rank: int, world: int, sync: bool) -> tuple[float, float, float]:
-    model = HierarchicalDataParallel(_model(batchnorm=False), ranks_per_node=2, sync=sync)
+    model = HierarchicalDataParallel(toy_model(batchnorm=False), ranks_per_node=2, sync=sync)
     g = torch.Generator().manual_seed(rank // 2)  # the same perturbation on the node's ranks
     with torch.no_grad():
         for p in model.module.parameters():
             p.add_(torch.randn(p.shape, generator=g))
-    before = _flat(model.module)
+    before = flat(model.module)
     dist.all_reduce(before)
     start = model.consensus_distance()
-    x, _ = _batch(rank, 0)
+    x, _ = batch(rank, 0)
     for _ in range(6):  # gossip steps with no optimizer step: pure mixing
         model(x).sum().backward()
         model.zero_grad()
     model.flush()
-    after = _flat(model.module)
+    after = flat(model.module)
     dist.all_reduce(after)
     return (before - after).abs().max().item(), start, model.consensus_distance()
 
@@ -122,13 +122,13 @@ def test_mixing_between_nodes_keeps_the_average_and_pulls_nodes_together(sync: b
 
 
 def _averaged(rank: int, world: int) -> tuple[float, float, list[torch.Tensor]]:
-    model = HierarchicalDataParallel(_model(), ranks_per_node=2)  # with BatchNorm buffers
+    model = HierarchicalDataParallel(toy_model(), ranks_per_node=2)  # with BatchNorm buffers
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     for t in range(5):
         _step(model, opt, rank, t)
     before = model.consensus_distance()
     model.average_replicas()
-    return before, model.consensus_distance(), _gather(_flat(model.module))
+    return before, model.consensus_distance(), _gather(flat(model.module))
 
 
 def test_average_replicas_gives_every_rank_the_same_replica() -> None:
@@ -144,16 +144,16 @@ def test_average_replicas_gives_every_rank_the_same_replica() -> None:
 def _against_plain(rank: int, world: int, ranks_per_node: int) -> tuple[float, list[str]]:
     reference: nn.Module
     if ranks_per_node == 1:
-        reference = GossipDataParallel(_model())
+        reference = GossipDataParallel(toy_model())
     else:
-        reference = AllReduceDataParallel(_model())
-    model = HierarchicalDataParallel(_model(), ranks_per_node=ranks_per_node)
+        reference = AllReduceDataParallel(toy_model())
+    model = HierarchicalDataParallel(toy_model(), ranks_per_node=ranks_per_node)
     for wrapped in (reference, model):
         opt = torch.optim.SGD(wrapped.parameters(), lr=0.05, momentum=0.9)
         for t in range(5):
             _step(wrapped, opt, rank, t)
         wrapped.flush()
-    diff = (_flat(reference.module) - _flat(model.module)).abs().max().item()
+    diff = (flat(reference.module) - flat(model.module)).abs().max().item()
     return diff, list(model.state_dict())
 
 
@@ -161,17 +161,17 @@ def _against_plain(rank: int, world: int, ranks_per_node: int) -> tuple[float, l
 def test_one_rank_per_node_is_gossip_and_one_node_is_allreduce(ranks_per_node: int) -> None:
     for diff, keys in run_world(_against_plain, 4, ranks_per_node):
         assert diff == 0.0
-        assert keys == ["module." + k for k in _model().state_dict()], "no duplicate entries"
+        assert keys == ["module." + k for k in toy_model().state_dict()], "no duplicate entries"
 
 
 def _fit_hierarchical(rank: int, world: int) -> float:
-    # test_parallel's _fit wraps with gossipgrad.wrap: point it here, in this forked rank only
+    # test_parallel's fit wraps with gossipgrad.wrap: point it here, in this forked rank only
     gossipgrad.wrap = lambda module, algo: HierarchicalDataParallel(module, ranks_per_node=2)
-    return _fit(rank, world, "hierarchical")
+    return fit(rank, world, "hierarchical")
 
 
 def test_accuracy_is_within_one_point_of_allreduce() -> None:
-    allreduce = run_world(_fit, 4, "allreduce")[0]
+    allreduce = run_world(fit, 4, "allreduce")[0]
     hierarchical = run_world(_fit_hierarchical, 4)[0]
     assert allreduce > 0.85, "the task must be learnable for the comparison to mean anything"
     assert abs(hierarchical - allreduce) <= 0.01, (hierarchical, allreduce)
@@ -188,7 +188,7 @@ def _from_env(rank: int, world: int, local_world_size: str) -> tuple[Any, ...] |
         WORLD_SIZE=str(world),
     )
     try:
-        model = HierarchicalDataParallel(_model())
+        model = HierarchicalDataParallel(toy_model())
     except ValueError as exc:
         return str(exc)
     return model.nodes, model.node, model.is_leader
@@ -208,17 +208,17 @@ def test_node_layout_is_read_from_torchrun_environment() -> None:
 
 
 def _resume_and_no_sync(rank: int, world: int) -> tuple[list[tuple], int, str]:
-    model = HierarchicalDataParallel(_model(), ranks_per_node=2, schedule="ring")
+    model = HierarchicalDataParallel(toy_model(), ranks_per_node=2, schedule="ring")
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     for t in range(3):
         _step(model, opt, rank, t)
     events: list[tuple] = []
-    with _Recorder(events), model.no_sync():
+    with Recorder(events), model.no_sync():
         _step(model, opt, rank, 3)
     model.flush()
-    fresh = HierarchicalDataParallel(_model(), ranks_per_node=2, schedule="ring")
+    fresh = HierarchicalDataParallel(toy_model(), ranks_per_node=2, schedule="ring")
     fresh.load_gossip_state(model.gossip_state())
-    other = HierarchicalDataParallel(_model(), ranks_per_node=2)
+    other = HierarchicalDataParallel(toy_model(), ranks_per_node=2)
     try:
         other.load_gossip_state(model.gossip_state())
     except ValueError as exc:
@@ -238,7 +238,7 @@ def test_no_sync_is_silent_and_gossip_state_round_trips() -> None:
 
 def _bad(rank: int, world: int, kwargs: dict[str, Any]) -> str:
     try:
-        HierarchicalDataParallel(_model(), **kwargs)
+        HierarchicalDataParallel(toy_model(), **kwargs)
     except ValueError as exc:
         return str(exc)
     return "no error"
@@ -264,4 +264,4 @@ def test_bad_layout_and_options_are_named_on_every_rank(kwargs: dict, message: s
 def test_uninitialised_process_group_is_a_clear_error() -> None:
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="init_process_group"):
-        HierarchicalDataParallel(_model(), ranks_per_node=1)
+        HierarchicalDataParallel(toy_model(), ranks_per_node=1)

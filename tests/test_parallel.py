@@ -12,47 +12,10 @@ import pytest
 import torch
 import torch.distributed as dist
 from _dist import run_world
+from _toy import Recorder, batch, fit, flat, perturb_, toy_model, train_steps
 from torch import nn
 
-import gossipgrad
 from gossipgrad import GossipDataParallel, NonFiniteError, PeerError
-
-
-def _model(seed: int = 0, batchnorm: bool = True) -> nn.Module:
-    torch.manual_seed(seed)
-    norm = nn.BatchNorm1d(16) if batchnorm else nn.Identity()
-    return nn.Sequential(nn.Linear(6, 16), norm, nn.ReLU(), nn.Linear(16, 3))
-
-
-def _flat(module: nn.Module, buffers: bool = True) -> torch.Tensor:
-    tensors = list(module.parameters())
-    if buffers:
-        tensors += [b for b in module.buffers() if b.is_floating_point()]
-    return torch.cat([t.detach().double().reshape(-1) for t in tensors])
-
-
-def _batch(rank: int, step: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(1000 * rank + step)
-    x = torch.randn(8, 6, generator=g).to(dtype)
-    return x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
-
-
-def _train(model: nn.Module, steps: int, rank: int, dtype: torch.dtype = torch.float32) -> None:
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for t in range(steps):
-        x, y = _batch(rank, t, dtype)
-        nn.functional.cross_entropy(model(x).float(), y).backward()
-        opt.step()
-        opt.zero_grad()
-
-
-def _perturb_(module: nn.Module, rank: int) -> None:
-    g = torch.Generator().manual_seed(rank)
-    with torch.no_grad():
-        for t in list(module.parameters()) + list(module.buffers()):
-            if t.is_floating_point():
-                t.add_(torch.randn(t.shape, generator=g).to(t.dtype))
-
 
 # --- mixing ---------------------------------------------------------------------------------
 
@@ -62,20 +25,20 @@ def _mixing_keeps_the_average(
 ) -> tuple:
     # (without BatchNorm for hypercube: forwards move its statistics, which spoils exactness)
     model = GossipDataParallel(
-        _model(batchnorm=schedule not in ("hypercube", "exact")),
+        toy_model(batchnorm=schedule not in ("hypercube", "exact")),
         sync=sync,
         schedule=schedule,
         **options,
     )
-    _perturb_(model.module, rank)  # replicas now differ
-    before = _flat(model.module, buffers=False)  # forwards move BatchNorm's running statistics
+    perturb_(model.module, rank)  # replicas now differ
+    before = flat(model.module, buffers=False)  # forwards move BatchNorm's running statistics
     dist.all_reduce(before)
     start = model.consensus_distance()
-    x, _ = _batch(rank, 0)
+    x, _ = batch(rank, 0)
     for _ in range(6):  # gossip steps with no optimizer step: pure mixing
         model(x)
     model.flush()
-    after = _flat(model.module, buffers=False)
+    after = flat(model.module, buffers=False)
     dist.all_reduce(after)
     return (before - after).abs().max().item(), start, model.consensus_distance()
 
@@ -108,10 +71,10 @@ def test_compressed_payloads_still_keep_the_average(wire_dtype: torch.dtype, syn
 
 
 def _identical_data(rank: int, world: int, sync: bool, mode: str) -> list[float]:
-    model = GossipDataParallel(_model(seed=rank), sync=sync, mode=mode)  # broadcast from rank 0
-    _train(model, 12, rank=0)  # every rank sees the same batches
+    model = GossipDataParallel(toy_model(seed=rank), sync=sync, mode=mode)  # broadcast from rank 0
+    train_steps(model, 12, rank=0)  # every rank sees the same batches
     everyone = [torch.empty(0)] * world
-    dist.all_gather_object(everyone, _flat(model.module))
+    dist.all_gather_object(everyone, flat(model.module))
     return [(everyone[0] - e).abs().max().item() for e in everyone]
 
 
@@ -128,12 +91,12 @@ def _mixed_dtypes(rank: int, world: int) -> tuple[float, float]:
     module = nn.Sequential(nn.Linear(4, 4).double())
     module.register_parameter("extra", nn.Parameter(torch.zeros(4, dtype=torch.bfloat16)))
     model = GossipDataParallel(module, sync=True)
-    _perturb_(module, rank)
-    before = _flat(module)
+    perturb_(module, rank)
+    before = flat(module)
     dist.all_reduce(before)
     model(torch.randn(2, 4, dtype=torch.float64))
     model.flush()
-    after = _flat(module)
+    after = flat(module)
     dist.all_reduce(after)
     diff = (before - after).abs()  # the module's own "extra" comes first, then the Linear
     return diff[4:].max().item(), diff[:4].max().item()
@@ -148,59 +111,17 @@ def test_several_dtypes_are_mixed_each_in_its_own_precision() -> None:
 # --- traffic: one destination, one source, one model's worth of bytes, no collective ----------
 
 
-class _Recorder:
-    """Wraps torch.distributed's point-to-point and collective calls and records them."""
-
-    COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_object", "barrier")
-
-    def __init__(self, events: list[tuple]) -> None:
-        self.events = events
-        self.originals = {n: getattr(dist, n) for n in ("isend", "irecv", *self.COLLECTIVES)}
-
-    def __enter__(self) -> _Recorder:
-        for name, fn in self.originals.items():
-            setattr(dist, name, self._wrap(name, fn))
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for name, fn in self.originals.items():
-            setattr(dist, name, fn)
-
-    def _wrap(self, name: str, fn: Any) -> Any:
-        events = self.events
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            if name in ("isend", "irecv"):
-                tensor, peer = args[0], args[1]
-                events.append((name, peer, tensor.numel() * tensor.element_size()))
-                return _RecordedWork(fn(*args, **kwargs), events, name)
-            events.append((name,))
-            return fn(*args, **kwargs)
-
-        return call
-
-
-class _RecordedWork:
-    def __init__(self, work: Any, events: list[tuple], what: str) -> None:
-        self.work, self.events, self.what = work, events, what
-
-    def wait(self, *args: Any) -> Any:
-        out = self.work.wait(*args)
-        self.events.append(("wait", self.what))
-        return out
-
-
 def _traffic(
     rank: int, world: int, bucket_cap_mb: float, **options: Any
 ) -> tuple[list[list[tuple]], int]:
-    model = GossipDataParallel(_model(), bucket_cap_mb=bucket_cap_mb, **options)
+    model = GossipDataParallel(toy_model(), bucket_cap_mb=bucket_cap_mb, **options)
     model_bytes = sum(t.numel() * t.element_size() for t in model.module.state_dict().values())
     per_step: list[list[tuple]] = []
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for t in range(8):
         events: list[tuple] = []
-        with _Recorder(events):
-            x, y = _batch(rank, t)
+        with Recorder(events):
+            x, y = batch(rank, t)
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
             opt.zero_grad()
@@ -223,7 +144,7 @@ def test_each_step_sends_one_model_to_one_rank_and_receives_from_one(
             assert rank not in {e[1] for e in sends + recvs}
             assert sum(e[2] for e in sends) <= 1.05 * model_bytes
             assert sum(e[2] for e in recvs) <= 1.05 * model_bytes
-            assert not [e for e in events if e[0] in _Recorder.COLLECTIVES]
+            assert not [e for e in events if e[0] in Recorder.COLLECTIVES]
         if bucket_cap_mb < 0.001:
             assert len([e for e in steps[0] if e[0] == "isend"]) > 1, "small cap: several buckets"
 
@@ -240,14 +161,14 @@ def test_bfloat16_on_the_wire_halves_the_bytes_and_streams_keep_one_partner() ->
 
 
 def _order(rank: int, world: int) -> list[tuple]:
-    model = GossipDataParallel(_model())
+    model = GossipDataParallel(toy_model())
     events: list[tuple] = []
     model.module[-1].register_full_backward_hook(lambda *a: events.append(("backward",)))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with _Recorder(events):
+    with Recorder(events):
         for t in range(4):
             events.append(("step", t))
-            x, y = _batch(rank, t)
+            x, y = batch(rank, t)
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
             opt.zero_grad()
@@ -272,37 +193,9 @@ def test_the_send_of_step_t_is_in_flight_while_step_t_backward_runs() -> None:
 # --- accuracy against the all-reduce baseline -----------------------------------------------
 
 
-def _teacher_task(seed: int = 0) -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(20, 5, generator=g)
-    x = torch.randn(6000, 20, generator=g)
-    y = (x @ w + 0.3 * torch.randn(6000, 5, generator=g)).argmax(dim=1)
-    return x[:4000], y[:4000], x[4000:], y[4000:]
-
-
-def _fit(rank: int, world: int, algo: str) -> float:
-    x, y, xt, yt = _teacher_task()
-    torch.manual_seed(0)
-    module = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 5))
-    model = gossipgrad.wrap(module, algo)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    shard = torch.arange(rank, len(x), world)
-    g = torch.Generator().manual_seed(rank)
-    for _ in range(6):
-        order = shard[torch.randperm(len(shard), generator=g)]
-        for i in range(0, len(order), 25):
-            idx = order[i : i + 25]
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-            opt.zero_grad()
-    model.average_replicas()
-    with torch.no_grad():
-        return (module(xt).argmax(1) == yt).float().mean().item()
-
-
 def test_gossip_accuracy_is_within_one_point_of_allreduce() -> None:
-    allreduce = run_world(_fit, 4, "allreduce")[0]
-    gossip = run_world(_fit, 4, "gossip")[0]
+    allreduce = run_world(fit, 4, "allreduce")[0]
+    gossip = run_world(fit, 4, "gossip")[0]
     assert allreduce > 0.85, "the task must be learnable for the comparison to mean anything"
     assert abs(gossip - allreduce) <= 0.01, (gossip, allreduce)
 
@@ -311,10 +204,10 @@ def test_gossip_accuracy_is_within_one_point_of_allreduce() -> None:
 
 
 def _alone(rank: int, world: int) -> list[tuple]:
-    model = GossipDataParallel(_model())
+    model = GossipDataParallel(toy_model())
     events: list[tuple] = []
-    with _Recorder(events):
-        _train(model, 3, rank)
+    with Recorder(events):
+        train_steps(model, 3, rank)
         model.average_replicas()
         assert model.consensus_distance() == 0.0
     return events
@@ -325,10 +218,10 @@ def test_world_size_one_trains_without_communication() -> None:
 
 
 def _no_sync(rank: int, world: int) -> list[tuple]:
-    model = GossipDataParallel(_model())
+    model = GossipDataParallel(toy_model())
     events: list[tuple] = []
-    with _Recorder(events), model.no_sync():
-        _train(model, 3, rank)
+    with Recorder(events), model.no_sync():
+        train_steps(model, 3, rank)
     return events
 
 
@@ -342,7 +235,7 @@ def test_no_sync_suppresses_gossip() -> None:
 def test_uninitialised_process_group_is_a_clear_error() -> None:
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="init_process_group"):
-        GossipDataParallel(_model())
+        GossipDataParallel(toy_model())
 
 
 @pytest.mark.parametrize(
@@ -357,7 +250,7 @@ def test_uninitialised_process_group_is_a_clear_error() -> None:
 )
 def test_bad_options_are_named(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        GossipDataParallel(_model(), **kwargs)
+        GossipDataParallel(toy_model(), **kwargs)
 
 
 def _different_models(rank: int, world: int, how: str) -> str:
@@ -385,11 +278,11 @@ def test_replicas_that_differ_across_ranks_are_refused(how: str, detail: str) ->
 
 
 def _silent_partner(rank: int, world: int, sync: bool) -> str:
-    model = GossipDataParallel(_model(), sync=sync, timeout=timedelta(seconds=2))
+    model = GossipDataParallel(toy_model(), sync=sync, timeout=timedelta(seconds=2))
     if rank == 1:
         time.sleep(10)  # alive but never joins a step
         return "slept"
-    x, _ = _batch(rank, 0)
+    x, _ = batch(rank, 0)
     started = time.monotonic()
     try:
         model(x)
@@ -409,19 +302,19 @@ def test_a_partner_that_never_answers_is_named_after_the_timeout(sync: bool) -> 
 
 def _nan_from_rank_1(rank: int, world: int, on_nonfinite: str) -> tuple[str, bool]:
     model = GossipDataParallel(
-        _model(), sync=True, on_nonfinite=on_nonfinite, timeout=timedelta(seconds=3)
+        toy_model(), sync=True, on_nonfinite=on_nonfinite, timeout=timedelta(seconds=3)
     )
     if rank == 1:
         with torch.no_grad():
             model.module[0].weight[0, 0] = float("nan")
-    x, _ = _batch(rank, 0)
+    x, _ = batch(rank, 0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             model(x)
         except (NonFiniteError, PeerError) as exc:
             return f"{type(exc).__name__}: {exc}", False
-    finite = bool(torch.isfinite(_flat(model.module)).all())
+    finite = bool(torch.isfinite(flat(model.module)).all())
     return " | ".join(str(w.message) for w in caught), finite
 
 
@@ -442,13 +335,13 @@ def test_nan_is_never_mixed_in_silently() -> None:
 
 
 def _resume_state(rank: int, world: int) -> str:
-    model = GossipDataParallel(_model(), schedule="ring")
-    _train(model, 3, rank)
+    model = GossipDataParallel(toy_model(), schedule="ring")
+    train_steps(model, 3, rank)
     state = model.gossip_state()
-    fresh = GossipDataParallel(_model(), schedule="ring")
+    fresh = GossipDataParallel(toy_model(), schedule="ring")
     fresh.load_gossip_state(state)
     assert fresh.step == 3
-    other = GossipDataParallel(_model(), schedule="dissemination")
+    other = GossipDataParallel(toy_model(), schedule="dissemination")
     try:
         other.load_gossip_state(state)
     except ValueError as exc:

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gossipgrad.consensus import average_, consensus_distance
 from gossipgrad.hierarchical import HierarchicalDataParallel
-from gossipgrad.mixing import check_bucket_cap, make_buckets
+from gossipgrad.mixing import check_bucket_cap, make_buckets, replica_tensors
 from gossipgrad.parallel import GossipDataParallel
 
 ALGOS = ("gossip", "allreduce", "hierarchical")
@@ -46,16 +46,14 @@ class AllReduceDataParallel(DistributedDataParallel):
         self.group = process_group if process_group is not None else dist.group.WORLD
         self.world_size = dist.get_world_size(self.group)
         self.step = 0
-        tensors = list(module.parameters()) + list(module.buffers())
-        self._floats = [t for t in tensors if t.is_floating_point()]
-        self._buckets = make_buckets(self._floats, int(bucket_cap_mb * 2**20))
+        self._buckets = make_buckets(replica_tensors(module), int(bucket_cap_mb * 2**20))
         model_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
         # What a ring all-reduce sends per rank: 2 (p - 1) / p model copies.
         self.bytes_sent_last_step = 0
         self._bytes_per_step = int(2 * (self.world_size - 1) / self.world_size * model_bytes)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.module.training and self.require_backward_grad_sync:
+        if self.module.training and self.require_backward_grad_sync and torch.is_grad_enabled():
             self.step += 1
             self.bytes_sent_last_step = self._bytes_per_step
         return super().forward(*args, **kwargs)
@@ -64,10 +62,10 @@ class AllReduceDataParallel(DistributedDataParallel):
         """Nothing is ever in flight between steps with all-reduce."""
 
     def consensus_distance(self) -> float:
-        return consensus_distance(self._floats, self._buckets, self.group)
+        return consensus_distance(replica_tensors(self.module), self._buckets, self.group)
 
     def average_replicas(self) -> None:
-        average_(self._floats, self._buckets, self.group)
+        average_(replica_tensors(self.module), self._buckets, self.group)
 
     def gossip_state(self) -> dict[str, Any]:
         return {"step": self.step}

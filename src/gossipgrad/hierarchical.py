@@ -44,7 +44,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from gossipgrad.consensus import average_, broadcast_, consensus_distance
-from gossipgrad.mixing import make_buckets
+from gossipgrad.mixing import make_buckets, replica_tensors
 from gossipgrad.parallel import GossipDataParallel
 
 # GossipDataParallel's keyword options and their defaults; the process group is ours to build.
@@ -125,10 +125,7 @@ class HierarchicalDataParallel(nn.Module):
                 module, process_group=self.node_group, bucket_cap_mb=options["bucket_cap_mb"]
             )
         self._engines = _Engines(ddp=ddp, gossip=gossip)
-        self._floats = list(module.parameters()) + [
-            b for b in module.buffers() if b.is_floating_point()
-        ]
-        self._buckets = make_buckets(self._floats, int(options["bucket_cap_mb"] * 2**20))
+        self._buckets = make_buckets(replica_tensors(module), int(options["bucket_cap_mb"] * 2**20))
 
     # --- the training step -------------------------------------------------------------------
 
@@ -152,7 +149,7 @@ class HierarchicalDataParallel(nn.Module):
     def _share(self) -> None:
         """Give the node's ranks the leader's parameters and floating-point buffers."""
         if len(self.nodes[self.node]) > 1:
-            broadcast_(self._floats, self._buckets, self.node_group)
+            broadcast_(replica_tensors(self.module), self._buckets, self.node_group)
 
     def flush(self) -> None:
         """Complete the leaders' exchange in flight, mix it in, and share the result within the
@@ -177,12 +174,12 @@ class HierarchicalDataParallel(nn.Module):
         """``RMS_i ||x_i - mean|| / ||mean||`` over all ranks' parameters and float buffers
         (collective)."""
         self.flush()
-        return consensus_distance(self._floats, self._buckets, dist.group.WORLD)
+        return consensus_distance(replica_tensors(self.module), self._buckets, dist.group.WORLD)
 
     def average_replicas(self) -> None:
         """Set every rank's replica to the exact average over all ranks (collective)."""
         self.flush()
-        average_(self._floats, self._buckets, dist.group.WORLD)
+        average_(replica_tensors(self.module), self._buckets, dist.group.WORLD)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:

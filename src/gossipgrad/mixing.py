@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 
 @dataclass
@@ -35,6 +36,13 @@ class Bucket:
     @property
     def nbytes(self) -> int:
         return self.send.numel() * self.send.element_size()
+
+
+def replica_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Parameters, then floating-point buffers (BatchNorm running statistics): what parameter
+    gossip mixes and what consensus and averaging cover. Read afresh at each use, so a module
+    that reassigns a buffer is still covered."""
+    return list(module.parameters()) + [b for b in module.buffers() if b.is_floating_point()]
 
 
 def check_bucket_cap(bucket_cap_mb: object) -> None:

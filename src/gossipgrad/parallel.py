@@ -54,6 +54,7 @@ from gossipgrad.mixing import (
     mix_,
     mix_residual_,
     pack_,
+    replica_tensors,
 )
 from gossipgrad.schedule import SCHEDULES, Exchange, plan
 
@@ -135,7 +136,8 @@ class GossipDataParallel(nn.Module):
         self._streams = _extra_groups(self.group, streams)
         # full-precision scratch for the collectives (the gossip buffers may be compressed)
         same = mode == "params" and wire_dtype is None
-        self._avg_buckets = self._buckets if same else make_buckets(self._float_tensors(), cap)
+        floats = replica_tensors(module)
+        self._avg_buckets = self._buckets if same else make_buckets(floats, cap)
         if mode == "gradients" and self.world_size > 1:
             for p in module.parameters():
                 if p.requires_grad:
@@ -254,12 +256,12 @@ class GossipDataParallel(nn.Module):
         """``RMS_i ||x_i - mean|| / ||mean||`` over parameters and float buffers (collective:
         every rank must call it at the same point)."""
         self.flush()
-        return consensus_distance(self._float_tensors(), self._avg_buckets, self.group)
+        return consensus_distance(replica_tensors(self.module), self._avg_buckets, self.group)
 
     def average_replicas(self) -> None:
         """Set every replica to the exact average of all replicas (collective, one all-reduce)."""
         self.flush()
-        average_(self._float_tensors(), self._avg_buckets, self.group)
+        average_(replica_tensors(self.module), self._avg_buckets, self.group)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -285,15 +287,11 @@ class GossipDataParallel(nn.Module):
 
     # --- helpers ------------------------------------------------------------------------------
 
-    def _float_tensors(self) -> list[torch.Tensor]:
-        """Parameters and floating-point buffers: what consensus and averaging cover."""
-        return list(self.module.parameters()) + _float_buffers(self.module)
-
     def _mixed_tensors(self) -> list[torch.Tensor]:
         """What gossip mixes: parameters and float buffers, or only parameters (gradients)."""
         if self.mode == "gradients":
             return list(self.module.parameters())
-        return self._float_tensors()
+        return replica_tensors(self.module)
 
     def _check_finite(self, flat: torch.Tensor, source: int, step: int) -> bool:
         """Whether ``flat``, received from ``source``, is finite (else raise or warn)."""
@@ -314,10 +312,6 @@ class GossipDataParallel(nn.Module):
         if self.on_nonfinite == "raise":
             raise NonFiniteError(message + "; on_nonfinite='skip' would skip such exchanges")
         warnings.warn(message + "; skipping this exchange", RuntimeWarning, stacklevel=4)
-
-
-def _float_buffers(module: nn.Module) -> list[torch.Tensor]:
-    return [b for b in module.buffers() if b.is_floating_point()]
 
 
 def _validate(

@@ -42,7 +42,14 @@ import torch
 from torch import nn
 
 from gossipgrad._shuffle_plan import label_skew_shards, simulate, strided_shard
-from gossipgrad.mixing import Bucket, make_buckets, mix_, mix_residual_, pack_
+from gossipgrad.mixing import (
+    Bucket,
+    make_buckets,
+    mix_,
+    mix_residual_,
+    pack_,
+    replica_tensors,
+)
 from gossipgrad.parallel import MODES
 from gossipgrad.schedule import Exchange, plan
 
@@ -210,7 +217,7 @@ class VirtualCluster:
         """What gossip exchanges, as ``GossipDataParallel._mixed_tensors``."""
         if self.mode == "gradients" or self.algo == "allreduce":
             return list(replica.parameters())
-        return _float_tensors(replica)
+        return replica_tensors(replica)
 
     # --- replicas ------------------------------------------------------------------------------
 
@@ -220,7 +227,7 @@ class VirtualCluster:
         ``GossipDataParallel.consensus_distance`` (0 when every replica is the same)."""
         self.flush()
         flats = torch.stack(
-            [torch.cat([t.reshape(-1).double() for t in _float_tensors(r)]) for r in self.replicas]
+            [torch.cat([t.reshape(-1).double() for t in replica_tensors(r)]) for r in self.replicas]
         )
         mean = flats.mean(0)
         norm = mean.norm().item()
@@ -231,7 +238,7 @@ class VirtualCluster:
     def average_replicas(self) -> None:
         """Set every replica's parameters and float buffers to the exact mean over replicas."""
         self.flush()
-        for group in zip(*(_float_tensors(r) for r in self.replicas), strict=True):
+        for group in zip(*(replica_tensors(r) for r in self.replicas), strict=True):
             mean = torch.stack(group).mean(0)
             for t in group:
                 t.copy_(mean)
@@ -242,8 +249,8 @@ class VirtualCluster:
         leaving the replicas as they are."""
         self.flush()
         out = copy.deepcopy(self.replicas[0])
-        for i, t in enumerate(_float_tensors(out)):
-            t.copy_(torch.stack([_float_tensors(r)[i] for r in self.replicas]).mean(0))
+        for i, t in enumerate(replica_tensors(out)):
+            t.copy_(torch.stack([replica_tensors(r)[i] for r in self.replicas]).mean(0))
         return out
 
 
@@ -294,11 +301,6 @@ def replica_batches(
 
 def _grad(p: torch.Tensor) -> torch.Tensor:
     return p.grad if p.grad is not None else torch.zeros_like(p)
-
-
-def _float_tensors(module: nn.Module) -> list[torch.Tensor]:
-    """Parameters, then floating-point buffers: what params-mode gossip mixes and averages."""
-    return list(module.parameters()) + [b for b in module.buffers() if b.is_floating_point()]
 
 
 def _check_pairing(rank: int, ex: Exchange, plans: list[Exchange], step: int) -> None:
