@@ -13,6 +13,7 @@ from _dist import run_world
 
 from gossipgrad import checkpoint, train
 from gossipgrad.config import TrainConfig
+from gossipgrad.mixing import replica_tensors
 
 _METRIC_KEYS = {"step", "epoch", "time", "loss", "acc", "consensus", "samples_per_s"}
 
@@ -138,11 +139,11 @@ def _average_into_scratch(rank: int, world: int) -> tuple[list, list, list]:
     module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     scratch = train._scratch_module(TrainConfig(eval_every=1), "gossip", module)
     with torch.no_grad():
-        for t in train._float_state(module):
+        for t in replica_tensors(module):
             t.fill_(float(rank + 1))  # rank 0 holds 1s, rank 1 holds 2s
-    before = [t.clone() for t in train._float_state(module)]
+    before = [t.clone() for t in replica_tensors(module)]
     train._average_into(scratch, module)
-    return before, train._float_state(module), train._float_state(scratch)
+    return before, replica_tensors(module), replica_tensors(scratch)
 
 
 def test_average_into_fills_the_scratch_copy_with_the_mean_only() -> None:

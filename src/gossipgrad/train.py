@@ -44,7 +44,7 @@ from gossipgrad.allreduce import wrap
 from gossipgrad.config import TrainConfig, load_config
 from gossipgrad.data import load_dataset
 from gossipgrad.metrics import MetricsLog
-from gossipgrad.mixing import views
+from gossipgrad.mixing import replica_tensors, views
 from gossipgrad.models import build_model, default_model, task_loss
 from gossipgrad.sampler import GossipShuffleSampler
 
@@ -428,7 +428,7 @@ def _average_into(scratch: torch.nn.Module, module: torch.nn.Module) -> torch.nn
     """Set ``scratch``'s parameters and float buffers to the exact mean over ranks of
     ``module``'s (one all-reduce per dtype, into a temporary buffer); return ``scratch``."""
     world = dist.get_world_size()
-    sources, targets = _float_state(module), _float_state(scratch)
+    sources, targets = replica_tensors(module), replica_tensors(scratch)
     groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
     for i, t in enumerate(sources):
         groups.setdefault((t.dtype, t.device), []).append(i)
@@ -440,12 +440,6 @@ def _average_into(scratch: torch.nn.Module, module: torch.nn.Module) -> torch.nn
         into = [targets[i] for i in indices]
         torch._foreach_copy_(into, views(flat, into))
     return scratch
-
-
-def _float_state(module: torch.nn.Module) -> list[torch.Tensor]:
-    """Parameters and floating-point buffers, in a fixed order (equal for a deep copy)."""
-    buffers = [b for b in module.buffers() if b.is_floating_point()]
-    return list(module.parameters()) + buffers
 
 
 # --- steps, records ------------------------------------------------------------------------------
