@@ -134,8 +134,11 @@ def mix_residual_(
     dtype = tensors[0].dtype if tensors else sent.dtype
     # Two passes over memory: s <- s - r, then x <- x - w s. Compressed payloads are subtracted
     # in the parameters' precision, where the difference is exact.
-    same = sent.dtype == dtype
-    diff = sent.sub_(received) if same else sent.to(dtype).sub_(received.to(dtype))
+    if sent.dtype == dtype:
+        diff = sent.sub_(received)
+    else:  # one temporary in the parameters' dtype; s is widened on the fly
+        diff = received.to(dtype)
+        torch.sub(sent, diff, out=diff)
     if require_finite and not is_finite(diff):
         return False
     torch._foreach_add_(list(tensors), views(diff, tensors), alpha=-weight)
