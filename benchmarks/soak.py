@@ -67,8 +67,8 @@ def _worker(args: argparse.Namespace) -> None:
 
     from gossipgrad import GossipDataParallel, GossipShuffleSampler, checkpoint
     from gossipgrad.data import load_dataset
+    from gossipgrad.evaluation import evaluate
     from gossipgrad.models import build_model, task_loss
-    from gossipgrad.train import evaluate
 
     torch.set_num_threads(1)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

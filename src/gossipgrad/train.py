@@ -37,14 +37,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from gossipgrad import checkpoint, report
 from gossipgrad.allreduce import wrap
 from gossipgrad.config import TrainConfig, load_config
 from gossipgrad.data import load_dataset
+from gossipgrad.evaluation import average_into, evaluate
 from gossipgrad.metrics import MetricsLog
-from gossipgrad.mixing import replica_tensors, views
 from gossipgrad.models import build_model, default_model, task_loss
 from gossipgrad.sampler import GossipShuffleSampler
 
@@ -343,32 +343,6 @@ def _finish(
     return box[0]
 
 
-@torch.no_grad()
-def evaluate(
-    module: torch.nn.Module, dataset: Dataset, batch_size: int = 256
-) -> tuple[float, float]:
-    """Mean loss and accuracy of ``module`` on ``dataset``, each rank scoring a strided share
-    (collective). Accuracy counts tokens for language models."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = next(module.parameters()).device
-    was_training = module.training
-    module.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, targets
-    share = Subset(dataset, range(rank, len(dataset), world))
-    # its own generator: a DataLoader draws its base seed from the global RNG otherwise, and an
-    # evaluation mid-run must not change what training draws next
-    for x, y in DataLoader(share, batch_size=batch_size, generator=torch.Generator()):
-        x, y = x.to(device), y.to(device)
-        output = module(x)
-        sums[0] += task_loss(output, y).double() * y.numel()
-        sums[1] += (output.argmax(-1) == y).sum()
-        sums[2] += y.numel()
-    dist.all_reduce(sums)
-    module.train(was_training)
-    loss, correct, count = sums.tolist()
-    return loss / max(count, 1), correct / max(count, 1)
-
-
 # --- held-out evaluation during training -------------------------------------------------------
 
 
@@ -399,7 +373,7 @@ def _evaluate_average(
     (collective). ``time`` is the training time so far; ``eval_s`` what this took."""
     model.flush()  # the exchange in flight is training time; the next forward would wait for it
     start = time.perf_counter()
-    target = model.module if scratch is None else _average_into(scratch, model.module)
+    target = model.module if scratch is None else average_into(scratch, model.module)
     test_loss, test_acc = evaluate(target, test_set, batch_size=max(256, cfg.batch_size))
     return {
         "step": progress.step,
@@ -421,25 +395,6 @@ def _final_eval_record(summary: dict[str, Any], progress: Progress) -> dict[str,
         "test_acc": summary["test_accuracy"],
         "eval_s": summary["eval_s"],
     }
-
-
-@torch.no_grad()
-def _average_into(scratch: torch.nn.Module, module: torch.nn.Module) -> torch.nn.Module:
-    """Set ``scratch``'s parameters and float buffers to the exact mean over ranks of
-    ``module``'s (one all-reduce per dtype, into a temporary buffer); return ``scratch``."""
-    world = dist.get_world_size()
-    sources, targets = replica_tensors(module), replica_tensors(scratch)
-    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
-    for i, t in enumerate(sources):
-        groups.setdefault((t.dtype, t.device), []).append(i)
-    for indices in groups.values():
-        flat = torch.cat([sources[i].reshape(-1) for i in indices])
-        if world > 1:
-            dist.all_reduce(flat)
-            flat.div_(world)
-        into = [targets[i] for i in indices]
-        torch._foreach_copy_(into, views(flat, into))
-    return scratch
 
 
 # --- steps, records ------------------------------------------------------------------------------

@@ -1,0 +1,57 @@
+"""Held-out evaluation: a model's loss and accuracy on a dataset shared out over the ranks, and the
+replicas' exact average copied into a scratch module, so that it can be evaluated during training
+without changing the replicas themselves."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from gossipgrad.mixing import replica_tensors, views
+from gossipgrad.models import task_loss
+
+
+@torch.no_grad()
+def evaluate(
+    module: torch.nn.Module, dataset: Dataset, batch_size: int = 256
+) -> tuple[float, float]:
+    """Mean loss and accuracy of ``module`` on ``dataset``, each rank scoring a strided share
+    (collective). Accuracy counts tokens for language models."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = next(module.parameters()).device
+    was_training = module.training
+    module.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, targets
+    share = Subset(dataset, range(rank, len(dataset), world))
+    # its own generator: a DataLoader draws its base seed from the global RNG otherwise, and an
+    # evaluation mid-run must not change what training draws next
+    for x, y in DataLoader(share, batch_size=batch_size, generator=torch.Generator()):
+        x, y = x.to(device), y.to(device)
+        output = module(x)
+        sums[0] += task_loss(output, y).double() * y.numel()
+        sums[1] += (output.argmax(-1) == y).sum()
+        sums[2] += y.numel()
+    dist.all_reduce(sums)
+    module.train(was_training)
+    loss, correct, count = sums.tolist()
+    return loss / max(count, 1), correct / max(count, 1)
+
+
+@torch.no_grad()
+def average_into(scratch: torch.nn.Module, module: torch.nn.Module) -> torch.nn.Module:
+    """Set ``scratch``'s parameters and float buffers to the exact mean over ranks of
+    ``module``'s (one all-reduce per dtype, into a temporary buffer); return ``scratch``."""
+    world = dist.get_world_size()
+    sources, targets = replica_tensors(module), replica_tensors(scratch)
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, t in enumerate(sources):
+        groups.setdefault((t.dtype, t.device), []).append(i)
+    for indices in groups.values():
+        flat = torch.cat([sources[i].reshape(-1) for i in indices])
+        if world > 1:
+            dist.all_reduce(flat)
+            flat.div_(world)
+        into = [targets[i] for i in indices]
+        torch._foreach_copy_(into, views(flat, into))
+    return scratch
