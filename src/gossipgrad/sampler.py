@@ -5,7 +5,8 @@ seeded local order and, meanwhile, sends a ``shuffle_fraction`` of it to its gos
 (``gossipgrad.schedule.partners`` with ``step = e``) and receives as many from its source, with
 non-blocking ``isend``/``irecv`` posted when the epoch starts and completed when the next one
 starts: the training loop does not wait in the common case. The pure planning (which samples
-leave, local order) lives in ``gossipgrad._shuffle_plan``.
+leave, local order) lives in ``gossipgrad._shuffle_plan``, the shard and its exchange in
+``gossipgrad._shard``.
 
 Two forms:
 
@@ -29,11 +30,7 @@ agree. State is per rank: save ``state_dict()`` on every rank, resume with ``loa
 
 from __future__ import annotations
 
-import operator
-import time
-import zlib
-from collections.abc import Iterable, Iterator, Sequence, Sized
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence, Sized
 from datetime import timedelta
 from typing import Any
 
@@ -42,198 +39,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Sampler
 
-from gossipgrad import _p2p
-from gossipgrad._shuffle_plan import (
-    EpochPlan,
-    check_shards,
-    epoch_length,
-    exchange_count,
-    label_skew_shards,
-    plan_epoch,
-    strided_shard,
-)
-from gossipgrad.schedule import SCHEDULES, partners
+from gossipgrad._shard import Options, Shard, agree, crc, resolve_group
+from gossipgrad._shuffle_plan import check_shards, label_skew_shards, strided_shard
 
 __all__ = ["GossipShuffleDataset", "GossipShuffleSampler", "label_skew_shards"]
-
-
-@dataclass(frozen=True)
-class _Options:
-    """The options every rank must share, validated."""
-
-    seed: int
-    shuffle: bool
-    drop_last: bool
-    fraction: float
-    schedule: str
-    timeout: timedelta
-
-    def __post_init__(self) -> None:
-        fraction, seed = self.fraction, self.seed
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
-            raise ValueError(f"shuffle_fraction must be a number in [0, 1], got {fraction!r}")
-        if not 0.0 <= fraction <= 1.0:
-            raise ValueError(
-                "shuffle_fraction must be in [0, 1] (the share of a shard sent to the partner "
-                f"each epoch; 0 turns the shuffle off), got {fraction!r}"
-            )
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-            raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if not isinstance(self.timeout, timedelta) or self.timeout.total_seconds() <= 0:
-            raise ValueError(f"timeout must be a positive datetime.timedelta, got {self.timeout!r}")
-
-    def ints(self) -> dict[str, int]:
-        """What ``_agree`` compares across ranks."""
-        return {
-            "seed": self.seed,
-            "shuffle_fraction": round(self.fraction * 2**40),
-            "schedule": SCHEDULES.index(self.schedule),
-            "drop_last": int(self.drop_last),
-        }
-
-
-class _Shard:
-    """One rank's shard, as tensors whose rows are samples (``tensors[0]``: global ids), and the
-    exchange that moves some rows to the partner each epoch."""
-
-    def __init__(
-        self,
-        tensors: list[torch.Tensor],
-        sizes: list[int],
-        options: _Options,
-        group: dist.ProcessGroup | None,
-        rank: int,
-    ) -> None:
-        world_size = len(sizes)
-        partners(rank, 0, world_size, options.seed, options.schedule)  # fails here, not later
-        self.tensors = tensors
-        self.options, self.group, self.rank, self.world_size = options, group, rank, world_size
-        self.count = exchange_count(sizes, options.fraction)  # rows sent (and received) per epoch
-        self.length = epoch_length(sizes, options.drop_last)  # positions yielded per epoch
-        self.epoch = 0  # the epoch whose shard ``tensors`` holds
-        self.yielded = 0  # positions handed out so far in this epoch
-        self.wait_time_s = 0.0  # total time spent waiting for exchanges to complete
-        self._resume_at = 0
-        self._plan: EpochPlan | None = None
-        self._inflight: _p2p.InFlight | None = None
-        self._sends: list[torch.Tensor] = []
-        self._recvs: list[torch.Tensor] = []
-
-    def set_epoch(self, epoch: int) -> None:
-        """Complete the exchanges up to ``epoch`` (normally the one in flight), post its own."""
-        epoch = operator.index(epoch)
-        if epoch < self.epoch:
-            raise ValueError(
-                f"set_epoch({epoch!r}) after epoch {self.epoch}: the gossip shuffle only moves "
-                "forward; to go back, load_state_dict a state saved at that epoch"
-            )
-        while self.epoch < epoch:
-            self._advance()
-        self._start()
-
-    def positions(self) -> Iterator[int]:
-        """This epoch's local positions, from the resume point if a state was just loaded."""
-        order = self._start().order
-        start, self._resume_at = self._resume_at, 0
-        self.yielded = start
-        return self._count(order[start:].tolist())
-
-    def _count(self, order: list[int]) -> Iterator[int]:
-        for pos in order:
-            self.yielded += 1
-            yield pos
-
-    def _start(self) -> EpochPlan:
-        """Plan this epoch and post its exchange, once."""
-        if self._plan is not None:
-            return self._plan
-        rows = self.tensors[0].shape[0]
-        plan = plan_epoch(
-            self.rank,
-            self.epoch,
-            rows,
-            world_size=self.world_size,
-            seed=self.options.seed,
-            count=self.count,
-            length=self.length,
-            shuffle=self.options.shuffle,
-            schedule=self.options.schedule,
-        )
-        self._plan = plan
-        if plan.leaving.size:
-            assert self.group is not None
-            leaving = torch.from_numpy(plan.leaving)
-            self._sends = [t.index_select(0, leaving) for t in self.tensors]
-            self._recvs = [t.new_empty((self.count, *t.shape[1:])) for t in self.tensors]
-            self._inflight = _p2p.start(
-                self._sends, self._recvs, plan.send_to, plan.recv_from, self.epoch, self.group
-            )
-        return plan
-
-    def flush(self) -> None:
-        """Wait for the exchange in flight, if any; what it received joins the next epoch."""
-        if self._inflight is None:
-            return
-        began = time.perf_counter()
-        self._inflight.wait(self.options.timeout, self.rank)
-        self.wait_time_s += time.perf_counter() - began
-        self._inflight = None
-        self._sends = []
-
-    def _advance(self) -> None:
-        plan = self._start()
-        self.flush()
-        if plan.leaving.size:
-            keep = torch.from_numpy(plan.keep)
-            self.tensors = [
-                torch.cat([t.index_select(0, keep), r])
-                for t, r in zip(self.tensors, self._recvs, strict=True)
-            ]
-        self._recvs = []
-        self._plan = None
-        self.epoch += 1
-        self.yielded = self._resume_at = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "yielded": self.yielded,
-            "tensors": list(self.tensors),  # never modified in place: no copy needed
-            **self._config(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in self._config().items():
-            if state.get(key) != value:
-                raise ValueError(
-                    f"the state was saved with {key}={state.get(key)!r} but this sampler has "
-                    f"{key}={value!r}: resume each rank from its own state with the same world "
-                    "size, seed, shuffle_fraction and drop_last"
-                )
-        tensors = list(state["tensors"])
-        if _layout(tensors) != _layout(self.tensors):
-            raise ValueError(
-                f"the state holds samples {_layout(tensors)} but this rank's shard is "
-                f"{_layout(self.tensors)}: load the state this rank saved"
-            )
-        if not 0 <= state["yielded"] <= self.length:
-            raise ValueError(f"the state's position {state['yielded']} is outside the epoch")
-        self.flush()  # our own exchange in flight must complete before its buffers go
-        self._plan, self._recvs = None, []
-        self.tensors = tensors
-        self.epoch = int(state["epoch"])
-        self.yielded = self._resume_at = int(state["yielded"])
-
-    def _config(self) -> dict[str, int]:
-        return {
-            "seed": self.options.seed,
-            "world_size": self.world_size,
-            "rank": self.rank,
-            "exchange_count": self.count,
-            "num_samples": self.length,
-        }
 
 
 class GossipShuffleSampler(Sampler[int]):
@@ -271,11 +80,11 @@ class GossipShuffleSampler(Sampler[int]):
         process_group: dist.ProcessGroup | None = None,
         timeout: timedelta = timedelta(minutes=5),
     ) -> None:
-        options = _Options(seed, shuffle, drop_last, shuffle_fraction, schedule, timeout)
-        group, world, me = _resolve_group(process_group, num_replicas, rank)
+        options = Options(seed, shuffle, drop_last, shuffle_fraction, schedule, timeout)
+        group, world, me = resolve_group(process_group, num_replicas, rank)
         n = len(dataset)
-        shards_crc = _crc(np.asarray(s, dtype=np.int64).tobytes() for s in initial_shards or [])
-        _agree(
+        shards_crc = crc(np.asarray(s, dtype=np.int64).tobytes() for s in initial_shards or [])
+        agree(
             group,
             world,
             {"len(dataset)": n, "initial_shards": shards_crc} | options.ints(),
@@ -296,7 +105,7 @@ class GossipShuffleSampler(Sampler[int]):
         self.num_replicas, self.rank = world, me
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.shuffle_fraction, self.schedule = shuffle_fraction, schedule
-        self._shard = _Shard([torch.from_numpy(mine)], sizes, options, group, me)
+        self._shard = Shard([torch.from_numpy(mine)], sizes, options, group, me)
         self.num_samples = self._shard.length
         self.total_size = self.num_samples * world
 
@@ -377,15 +186,15 @@ class GossipShuffleDataset(Dataset[tuple[torch.Tensor, ...]]):
         process_group: dist.ProcessGroup | None = None,
         timeout: timedelta = timedelta(minutes=5),
     ) -> None:
-        options = _Options(seed, shuffle, drop_last, shuffle_fraction, schedule, timeout)
+        options = Options(seed, shuffle, drop_last, shuffle_fraction, schedule, timeout)
         _check_tensors(tensors, ids)
-        group, world, me = _resolve_group(process_group, None, None)
+        group, world, me = resolve_group(process_group, None, None)
         rows = tensors[0].shape[0]
         kinds = [f"{tuple(t.shape[1:])} {t.dtype}".encode() for t in tensors]
-        sizes = _agree(
+        sizes = agree(
             group,
             world,
-            {"rows": rows, "tensors' row shapes and dtypes": _crc(kinds)} | options.ints(),
+            {"rows": rows, "tensors' row shapes and dtypes": crc(kinds)} | options.ints(),
             {"rows": ""},
         )["rows"]
         if min(sizes) == 0:
@@ -394,7 +203,7 @@ class GossipShuffleDataset(Dataset[tuple[torch.Tensor, ...]]):
             )
         if ids is None:
             ids = torch.arange(rows, dtype=torch.int64) + sum(sizes[:me])
-        self._shard = _Shard([ids.to(torch.int64), *tensors], sizes, options, group, me)
+        self._shard = Shard([ids.to(torch.int64), *tensors], sizes, options, group, me)
         self.num_samples = self._shard.length
         self.sampler = _LocalSampler(self._shard)
 
@@ -436,7 +245,7 @@ class GossipShuffleDataset(Dataset[tuple[torch.Tensor, ...]]):
 class _LocalSampler(Sampler[int]):
     """Yields positions in a ``GossipShuffleDataset``'s local order, ``len`` equal on all ranks."""
 
-    def __init__(self, shard: _Shard) -> None:
+    def __init__(self, shard: Shard) -> None:
         self._shard = shard
 
     def __iter__(self) -> Iterator[int]:
@@ -447,66 +256,6 @@ class _LocalSampler(Sampler[int]):
 
     def set_epoch(self, epoch: int) -> None:
         self._shard.set_epoch(epoch)
-
-
-def _layout(tensors: Sequence[torch.Tensor]) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    return [(tuple(t.shape), t.dtype) for t in tensors]
-
-
-def _resolve_group(
-    process_group: dist.ProcessGroup | None, num_replicas: int | None, rank: int | None
-) -> tuple[dist.ProcessGroup | None, int, int]:
-    """``(group, world size, rank)``; no group when torch.distributed is not initialised."""
-    if process_group is None and not (dist.is_available() and dist.is_initialized()):
-        if num_replicas not in (None, 1) or rank not in (None, 0):
-            raise ValueError(
-                f"num_replicas={num_replicas}, rank={rank}: the gossip shuffle moves samples "
-                "between ranks, so it needs torch.distributed initialised "
-                "(init_process_group) before it is built"
-            )
-        return None, 1, 0
-    group = process_group if process_group is not None else dist.new_group(backend="gloo")
-    if "gloo" not in str(dist.get_backend(group)):
-        raise ValueError(
-            "process_group must be a gloo group (ids and samples travel as CPU tensors); leave "
-            "it None to get one, even when training on NCCL"
-        )
-    world, me = dist.get_world_size(group), dist.get_rank(group)
-    if num_replicas not in (None, world) or rank not in (None, me):
-        raise ValueError(
-            f"num_replicas={num_replicas}, rank={rank} disagree with the process group "
-            f"(world size {world}, rank {me}): leave them None"
-        )
-    return group, world, me
-
-
-def _agree(
-    group: dist.ProcessGroup | None,
-    world_size: int,
-    mine: dict[str, int],
-    fixes: dict[str, str],
-) -> dict[str, list[int]]:
-    """One ``all_gather`` of a few integers; every rank's values by key. Raises ``ValueError`` if
-    a key's values differ across ranks, with the fix from ``fixes`` (``""``: may differ)."""
-    values = torch.tensor(list(mine.values()), dtype=torch.int64)
-    everyone = [values]
-    if world_size > 1:
-        everyone = [torch.empty_like(values) for _ in range(world_size)]
-        dist.all_gather(everyone, values, group=group)
-    table = {key: [int(v[i]) for v in everyone] for i, key in enumerate(mine)}
-    for key, seen in table.items():
-        fix = fixes.get(key, f"pass the same {key} on every rank")
-        if fix and len(set(seen)) > 1:
-            raise ValueError(f"{key} differs across ranks ({seen}, by rank): {fix}")
-    return table
-
-
-def _crc(parts: Iterable[bytes]) -> int:
-    """A checksum of ``parts`` and of where each ends."""
-    crc = 0
-    for part in parts:
-        crc = zlib.crc32(part + len(part).to_bytes(8, "little"), crc)
-    return crc
 
 
 def _check_tensors(tensors: tuple[torch.Tensor, ...], ids: torch.Tensor | None) -> None:
