@@ -19,6 +19,7 @@ CPU has to do anyway, and this row is close to the least a one-partner exchange 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -155,9 +156,10 @@ def main() -> None:
             base = rows["all-reduce"][0]
             for label, (step, sent, distance, params, cpu) in rows.items():
                 ratio = "–" if label == "compute only" else f"{base / step:.2f}x"
+                spread = "–" if math.isnan(distance) else f"{distance:.2e}"  # no replicas
                 print(
                     f"| {model} | {params / 1e6:.1f}M | {world} | {label} | {step * 1e3:.1f} "
-                    f"| {ratio} | {cpu * 1e3:.0f} | {sent / 1e6:.1f} | {distance:.2e} |",
+                    f"| {ratio} | {cpu * 1e3:.0f} | {sent / 1e6:.1f} | {spread} |",
                     flush=True,
                 )
     sys.stdout.flush()
