@@ -28,7 +28,7 @@ import random
 import socket
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -39,13 +39,14 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from gossipgrad import checkpoint, report
+from gossipgrad import checkpoint, report, run_state
 from gossipgrad.allreduce import wrap
 from gossipgrad.config import TrainConfig, load_config
 from gossipgrad.data import load_dataset
 from gossipgrad.evaluation import average_into, evaluate
 from gossipgrad.metrics import MetricsLog
 from gossipgrad.models import build_model, default_model, task_loss
+from gossipgrad.run_state import Progress, Window
 from gossipgrad.sampler import GossipShuffleSampler
 
 WIRE_DTYPES = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -137,29 +138,6 @@ def _shared_out(cfg: TrainConfig) -> str:
 # --- the loop -----------------------------------------------------------------------------------
 
 
-@dataclass
-class _Window:
-    """Sums since the last record (loss over samples, correct predictions, targets, samples)."""
-
-    loss: torch.Tensor
-    correct: torch.Tensor
-    targets: int = 0
-    samples: int = 0
-    began: float = field(default_factory=time.perf_counter)
-
-
-@dataclass
-class Progress:
-    """Counters that a checkpoint carries over (besides the model, optimizer and sampler)."""
-
-    window: _Window  # this rank's sums since the last record
-    step: int = 0
-    epoch: int = 0
-    elapsed_s: float = 0.0
-    bytes_sent: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
 def train(cfg: TrainConfig, algo: str) -> dict[str, Any]:
     """Train with ``algo`` ("gossip" or "allreduce") on the initialised default process group and
     return the run's summary (the same on every rank). ``cfg.out`` must be set."""
@@ -208,9 +186,11 @@ def train(cfg: TrainConfig, algo: str) -> dict[str, Any]:
     total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     _seed_everything(cfg.seed + 1 + rank)  # this rank's own stream (dropout, augmentation)
 
-    progress = Progress(window=_new_window(device))
+    progress = Progress(window=run_state.new_window(device))
     identity = {"algo": algo, "dataset": cfg.dataset, "model": model_name}
-    resumed = _resume(cfg, run_dir / "checkpoints", identity, model, optimizer, sampler, progress)
+    resumed = run_state.resume(
+        cfg, run_dir / "checkpoints", identity, model, optimizer, sampler, progress
+    )
     if rank == 0 and not cfg.quiet:
         params = sum(p.numel() for p in module.parameters())
         ranks = f"{world} rank{'' if world == 1 else 's'}"
@@ -251,7 +231,7 @@ def train(cfg: TrainConfig, algo: str) -> dict[str, Any]:
                 log.advance()
             if progress.step % cfg.log_every == 0 or _consensus_due(cfg, progress.step):
                 entry = _measure(cfg, model, progress, began)
-                progress.window = _new_window(device)
+                progress.window = run_state.new_window(device)
                 if log is not None:
                     log.record(entry)
                     progress.history = log.history
@@ -264,7 +244,7 @@ def train(cfg: TrainConfig, algo: str) -> dict[str, Any]:
                     progress.history = log.history
             if cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0:
                 progress.elapsed_s = time.perf_counter() - began
-                _save(cfg, run_dir, identity, model, optimizer, sampler, progress)
+                run_state.save(cfg, run_dir, identity, model, optimizer, sampler, progress)
                 last_saved = progress.step
             if progress.step >= total_steps:
                 break
@@ -274,7 +254,7 @@ def train(cfg: TrainConfig, algo: str) -> dict[str, Any]:
     model.flush()  # the last exchange is training time too
     progress.elapsed_s = time.perf_counter() - began
     if cfg.checkpoint_every and last_saved != progress.step:
-        _save(cfg, run_dir, identity, model, optimizer, sampler, progress)
+        run_state.save(cfg, run_dir, identity, model, optimizer, sampler, progress)
     summary = _finish(cfg, algo, model, module, test_set, progress, world, run_dir)
     summary.update(
         dataset=info.name,
@@ -400,13 +380,8 @@ def _final_eval_record(summary: dict[str, Any], progress: Progress) -> dict[str,
 # --- steps, records ------------------------------------------------------------------------------
 
 
-def _new_window(device: torch.device) -> _Window:
-    zero = torch.zeros((), dtype=torch.float64, device=device)
-    return _Window(loss=zero.clone(), correct=zero.clone())
-
-
 def _accumulate(
-    window: _Window, loss: torch.Tensor, output: torch.Tensor, target: torch.Tensor
+    window: Window, loss: torch.Tensor, output: torch.Tensor, target: torch.Tensor
 ) -> None:
     with torch.no_grad():
         window.loss += loss.detach().double() * target.numel()
@@ -511,112 +486,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-# --- checkpoints --------------------------------------------------------------------------------
-
-
-def _save(
-    cfg: TrainConfig,
-    run_dir: Path,
-    identity: dict[str, str],
-    model: Any,
-    optimizer: torch.optim.Optimizer,
-    sampler: Any,
-    progress: Progress,
-) -> None:
-    model.flush()  # the exchange in flight belongs to this step
-    window = progress.window
-    state = {
-        "run": identity,
-        "model": model.module.state_dict(),
-        "optim": optimizer.state_dict(),
-        "sampler": sampler.state_dict(),
-        "gossip": model.gossip_state(),
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": list(np.random.get_state()),
-            "python": random.getstate(),
-        },
-        "progress": {
-            "step": progress.step,
-            "epoch": progress.epoch,
-            "elapsed_s": progress.elapsed_s,
-            "bytes_sent": progress.bytes_sent,
-            "history": progress.history if dist.get_rank() == 0 else [],
-            "window": {
-                "loss": window.loss,
-                "correct": window.correct,
-                "targets": window.targets,
-                "samples": window.samples,
-            },
-        },
-    }
-    checkpoint.save(run_dir / "checkpoints", progress.step, state, keep=cfg.keep_checkpoints)
-
-
-def _resume(
-    cfg: TrainConfig,
-    folder: Path,
-    identity: dict[str, str],
-    model: Any,
-    optimizer: torch.optim.Optimizer,
-    sampler: Any,
-    progress: Progress,
-) -> Path | None:
-    """Load the checkpoint that ``cfg.resume`` names into the run's objects; return its path."""
-    found = _find_checkpoint(cfg.resume, folder, identity["algo"])
-    if found is None:
-        return None
-    state, path = found
-    for key, value in identity.items():
-        if state["run"][key] != value:
-            raise checkpoint.CheckpointError(
-                f"checkpoint {str(path)!r} is from a run with {key} {state['run'][key]!r}, but "
-                f"this run has {key} {value!r}: resume with --{key} {state['run'][key]}"
-            )
-    model.module.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optim"])
-    sampler.load_state_dict(state["sampler"])
-    model.load_gossip_state(state["gossip"])
-    rng = state["rng"]
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    np.random.set_state(tuple(rng["numpy"]))
-    version, internal, gauss = rng["python"]
-    random.setstate((version, tuple(internal), gauss))
-    saved = state["progress"]
-    progress.step, progress.epoch = int(saved["step"]), int(saved["epoch"])
-    progress.elapsed_s, progress.bytes_sent = float(saved["elapsed_s"]), int(saved["bytes_sent"])
-    progress.history = list(saved["history"])
-    window = progress.window
-    window.loss.copy_(saved["window"]["loss"])
-    window.correct.copy_(saved["window"]["correct"])
-    window.targets, window.samples = saved["window"]["targets"], saved["window"]["samples"]
-    return path
-
-
-def _find_checkpoint(resume: str, folder: Path, algo: str) -> tuple[dict[str, Any], Path] | None:
-    """``--resume auto``: the newest intact checkpoint of this run, if any. ``--resume PATH``: that
-    checkpoint, or the newest intact one in PATH (a checkpoints folder or a run folder)."""
-    if not resume:
-        return None
-    if resume == "auto":
-        return checkpoint.load_latest(folder)
-    path = Path(resume)
-    if (path / checkpoint.MANIFEST).exists() or path.name.startswith("step_"):
-        return checkpoint.load(path), path
-    for candidate in (path / algo / "checkpoints", path / "checkpoints", path):
-        if checkpoint.list_checkpoints(candidate):
-            found = checkpoint.load_latest(candidate)
-            if found is not None:
-                return found
-    raise checkpoint.CheckpointError(
-        f"--resume {resume}: no intact checkpoint there (give a step_* folder, a checkpoints "
-        "folder, or a run folder), or use --resume auto"
-    )
 
 
 if __name__ == "__main__":
