@@ -46,18 +46,25 @@ def consensus_distance(
 
 @torch.no_grad()
 def average_(
-    tensors: Sequence[torch.Tensor], buckets: Sequence[Bucket], group: dist.ProcessGroup
+    tensors: Sequence[torch.Tensor],
+    buckets: Sequence[Bucket],
+    group: dist.ProcessGroup,
+    into: Sequence[torch.Tensor] | None = None,
 ) -> None:
-    """Replace every rank's ``tensors`` by their exact mean over the group (one all-reduce)."""
+    """Replace every rank's ``tensors`` by their exact mean over the group (one all-reduce), or,
+    with ``into`` (tensors shaped like ``tensors``), write the mean there and leave ``tensors``
+    as they are."""
     world = dist.get_world_size(group)
-    if world == 1:
+    if world == 1 and into is None:
         return
     for b in buckets:
         own = [tensors[i] for i in b.indices]
         flat = pack_(b.recv, own)
-        dist.all_reduce(flat, group=group)
-        flat.div_(world)
-        torch._foreach_copy_(own, views(flat, own))
+        if world > 1:
+            dist.all_reduce(flat, group=group)
+            flat.div_(world)
+        out = own if into is None else [into[i] for i in b.indices]
+        torch._foreach_copy_(out, views(flat, out))
 
 
 @torch.no_grad()

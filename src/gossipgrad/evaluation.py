@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from gossipgrad.mixing import replica_tensors, views
+from gossipgrad.consensus import average_
+from gossipgrad.mixing import make_buckets, replica_tensors
 from gossipgrad.models import task_loss
 
 
@@ -38,20 +39,11 @@ def evaluate(
     return loss / max(count, 1), correct / max(count, 1)
 
 
-@torch.no_grad()
 def average_into(scratch: torch.nn.Module, module: torch.nn.Module) -> torch.nn.Module:
     """Set ``scratch``'s parameters and float buffers to the exact mean over ranks of
-    ``module``'s (one all-reduce per dtype, into a temporary buffer); return ``scratch``."""
-    world = dist.get_world_size()
-    sources, targets = replica_tensors(module), replica_tensors(scratch)
-    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
-    for i, t in enumerate(sources):
-        groups.setdefault((t.dtype, t.device), []).append(i)
-    for indices in groups.values():
-        flat = torch.cat([sources[i].reshape(-1) for i in indices])
-        if world > 1:
-            dist.all_reduce(flat)
-            flat.div_(world)
-        into = [targets[i] for i in indices]
-        torch._foreach_copy_(into, views(flat, into))
+    ``module``'s (one all-reduce per 25 MiB bucket, through temporary buffers); return
+    ``scratch``."""
+    sources = replica_tensors(module)
+    buckets = make_buckets(sources, 25 * 2**20)
+    average_(sources, buckets, dist.group.WORLD, into=replica_tensors(scratch))
     return scratch
