@@ -50,9 +50,9 @@ import torch.distributed as dist
 from torch import nn
 
 from gossipgrad import AllReduceDataParallel, GossipDataParallel
-from gossipgrad.data import DatasetInfo
 from gossipgrad.hierarchical import HierarchicalDataParallel
-from gossipgrad.models import build_model
+from gossipgrad.train.data import DatasetInfo
+from gossipgrad.train.models import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 INFO = DatasetInfo(name="digits", task="classification", input_shape=(1, 8, 8), num_classes=10)

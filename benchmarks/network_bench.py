@@ -89,8 +89,8 @@ def rate_bytes(rate: str) -> float:
 
 
 def _build(args: argparse.Namespace) -> nn.Module:
-    from gossipgrad.data import DatasetInfo
-    from gossipgrad.models import build_model
+    from gossipgrad.train.data import DatasetInfo
+    from gossipgrad.train.models import build_model
 
     torch.manual_seed(0)
     info = DatasetInfo("synthetic", "classification", (3, 32, 32), 10)

@@ -32,7 +32,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from gossipgrad.costmodel import (  # noqa: E402
+from gossipgrad.sim.costmodel import (  # noqa: E402
     DISTRIBUTIONS,
     Measurement,
     Network,

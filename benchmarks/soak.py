@@ -42,7 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--procs", type=int, default=8)
     parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--model", default="mlp", help="mlp or cnn (gossipgrad.models)")
+    parser.add_argument("--model", default="mlp", help="mlp or cnn (gossipgrad.train.models)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--sample-s", type=float, default=5.0, help="seconds between samples")
     parser.add_argument("--consensus-every", type=int, default=100)
@@ -66,9 +66,9 @@ def _worker(args: argparse.Namespace) -> None:
     from torch.utils.data import DataLoader
 
     from gossipgrad import GossipDataParallel, GossipShuffleSampler, checkpoint
-    from gossipgrad.data import load_dataset
-    from gossipgrad.evaluation import evaluate
-    from gossipgrad.models import build_model, task_loss
+    from gossipgrad.train.data import load_dataset
+    from gossipgrad.train.evaluation import evaluate
+    from gossipgrad.train.models import build_model, task_loss
 
     torch.set_num_threads(1)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

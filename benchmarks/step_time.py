@@ -34,9 +34,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import gossipgrad
-from gossipgrad.data import DatasetInfo
-from gossipgrad.models import build_model
 from gossipgrad.schedule import plan
+from gossipgrad.train.data import DatasetInfo
+from gossipgrad.train.models import build_model
 
 ALGOS = {  # label -> (algo, sync); "compute" trains the bare module with no communication
     "compute only": ("compute", False),

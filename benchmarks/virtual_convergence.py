@@ -4,7 +4,7 @@
     python benchmarks/virtual_convergence.py --partition label-skew --shuffle 0.25
     python benchmarks/virtual_convergence.py --data teacher --schedule hypercube
 
-Runs ``gossipgrad.virtual.VirtualCluster`` (p replicas in one process, mixed by the engine's own
+Runs ``gossipgrad.sim.virtual.VirtualCluster`` (p replicas in one process, mixed by the engine's own
 schedule and mixing code) for p in ``--p`` (default 4 8 16 32 64) and four algorithms:
 
 - ``all-reduce``: gradients averaged over all replicas every step (what DDP computes);
@@ -12,11 +12,12 @@ schedule and mixing code) for p in ``--p`` (default 4 8 16 32 64) and four algor
 - ``gossip overlapped``: parameter gossip with staleness 1 (the engine's default);
 - ``gossip gradients``: gradients averaged with the step's partner only (``mode="gradients"``).
 
-Every run: the same initial MLP (``gossipgrad.models`` ``mlp``), SGD with momentum, the same
+Every run: the same initial MLP (``gossipgrad.train.models`` ``mlp``), SGD with momentum, the same
 ``--epochs`` and per-replica ``--batch`` (so a larger p takes fewer, larger global steps), data
 split into one shard per replica (``--partition iid`` or ``label-skew``, optional gossip shuffle
 of ``--shuffle`` of each shard per epoch). Data: scikit-learn's bundled digits
-(``gossipgrad.data.load_dataset("digits")``, 1437 train / 360 test images) or ``teacher``: 10-class
+(``gossipgrad.train.data.load_dataset("digits")``, 1437 train / 360 test images) or
+``teacher``: 10-class
 labels from a random two-layer teacher network on Gaussian inputs (``--teacher-samples``).
 
 Printed: a markdown table of the test accuracy of the averaged model (the exact mean of the
@@ -37,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gossipgrad.data import DatasetInfo, load_dataset
-from gossipgrad.models import build_model
 from gossipgrad.schedule import SCHEDULES
-from gossipgrad.virtual import PARTITIONS, VirtualCluster, replica_batches
+from gossipgrad.sim.virtual import PARTITIONS, VirtualCluster, replica_batches
+from gossipgrad.train.data import DatasetInfo, load_dataset
+from gossipgrad.train.models import build_model
 
 VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("all-reduce", {"algo": "allreduce"}),

@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from gossipgrad import cli, train
-from gossipgrad.data import DatasetInfo
+from gossipgrad.train import cli, worker
+from gossipgrad.train.data import DatasetInfo
 
 _SMALL = ["--nproc", "2", "--epochs", "1", "--max-steps", "12", "--quiet"]
 _SMALL += ["--log-every", "4", "--consensus-every", "4"]
@@ -110,12 +110,12 @@ def test_commands_and_help(capsys) -> None:
 
 def test_console_script_and_worker_module(capsys) -> None:
     script = Path(sys.executable).with_name("gossipgrad")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "gossipgrad.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "gossipgrad.train.cli"]
     done = subprocess.run([*command, "train", "--lr", "0"], capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr == "gossipgrad: error: --lr must be > 0, got 0\n"
     with pytest.raises(SystemExit) as exit:
-        train.main(["--help"])  # what `python -m gossipgrad.train --help` runs
+        worker.main(["--help"])  # what `python -m gossipgrad.train --help` runs
     assert exit.value.code == 0
     assert "usage: python -m gossipgrad.train" in capsys.readouterr().out
 
@@ -144,7 +144,7 @@ def test_rendezvous_and_worker_stores_listen_on_loopback_only(monkeypatch) -> No
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(port))
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
-    store = train._elastic_store(0, 1, __import__("datetime").timedelta(seconds=5))
+    store = worker._elastic_store(0, 1, __import__("datetime").timedelta(seconds=5))
     assert socket.socket().connect_ex(("127.0.0.1", port)) == 0
     assert socket.socket().connect_ex((outside, port)) != 0
     del store

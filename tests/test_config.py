@@ -6,8 +6,8 @@ from dataclasses import fields, replace
 
 import pytest
 
-from gossipgrad import config
-from gossipgrad.config import ConfigError, TrainConfig, build_parser, flag, load_config
+from gossipgrad.train import config
+from gossipgrad.train.config import ConfigError, TrainConfig, build_parser, flag, load_config
 
 
 def test_defaults_are_valid() -> None:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from gossipgrad.costmodel import (
+from gossipgrad.sim.costmodel import (
     ALGORITHMS,
     Measurement,
     Network,

@@ -1,4 +1,4 @@
-"""Embedded datasets, user dataset specs and label lookup (gossipgrad.data)."""
+"""Embedded datasets, user dataset specs and label lookup (gossipgrad.train.data)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch.utils.data import ConcatDataset, Subset, TensorDataset
 
-from gossipgrad.data import (
+from gossipgrad.train.data import (
     DATASETS,
     DatasetInfo,
     MissingExtraError,
@@ -176,7 +176,7 @@ def test_targets_of_understands_common_wrappers() -> None:
 USER_MODULE = """
 import torch
 from torch.utils.data import TensorDataset
-from gossipgrad.data import DatasetInfo
+from gossipgrad.train.data import DatasetInfo
 
 def _split(seed):
     g = torch.Generator().manual_seed(seed)

@@ -1,4 +1,4 @@
-"""The model zoo (gossipgrad.models): shapes, sizes, determinism, fit checks, user models."""
+"""The model zoo (gossipgrad.train.models): shapes, sizes, determinism, fit checks, user models."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from gossipgrad.data import DatasetInfo, load_dataset
-from gossipgrad.models import MODELS, build_model, default_model, load_user_model, task_loss
+from gossipgrad.train.data import DatasetInfo, load_dataset
+from gossipgrad.train.models import MODELS, build_model, default_model, load_user_model, task_loss
 
 DIGITS = DatasetInfo("digits", "classification", (1, 8, 8), 10)
 CIFAR = DatasetInfo("cifar", "classification", (3, 32, 32), 10)

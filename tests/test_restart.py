@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from gossipgrad import cli
-from gossipgrad.metrics import read_metrics
+from gossipgrad.train import cli
+from gossipgrad.train.metrics import read_metrics
 
 _EVERY = 10  # --checkpoint-every
 _KILL_AT = 35  # rank 1's training step at which it is killed: 5 steps after a checkpoint
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from gossipgrad.models import build_model
+from gossipgrad.train.models import build_model
 
 KILL_AT = {kill_at}
 

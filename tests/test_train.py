@@ -11,15 +11,16 @@ import torch
 import torch._dynamo  # noqa: F401 - (DDP imports it on first use)
 from _dist import run_world
 
-from gossipgrad import checkpoint, train
-from gossipgrad.config import TrainConfig
+from gossipgrad import checkpoint
+from gossipgrad.train import worker
+from gossipgrad.train.config import TrainConfig
 
 _METRIC_KEYS = {"step", "epoch", "time", "loss", "acc", "consensus", "samples_per_s"}
 
 
 def _train(rank: int, world: int, algo: str, out: str, options: dict) -> dict:
     cfg = TrainConfig(algo=algo, out=out, quiet=True, log_every=5, consensus_every=5, **options)
-    return train.train(cfg.validate(), algo)
+    return worker.train(cfg.validate(), algo)
 
 
 def test_a_run_writes_model_summary_and_metrics(tmp_path: Path) -> None:
@@ -82,16 +83,16 @@ def test_resume_refuses_what_is_not_this_runs_checkpoint(tmp_path: Path) -> None
 
 def test_resumable_distributed_sampler_continues_mid_epoch() -> None:
     data = list(range(20))
-    full = train.ResumableDistributedSampler(data, num_replicas=2, rank=0, seed=3)
+    full = worker.ResumableDistributedSampler(data, num_replicas=2, rank=0, seed=3)
     full.set_epoch(1)
     order = list(full)
-    partial = train.ResumableDistributedSampler(data, num_replicas=2, rank=0, seed=3)
+    partial = worker.ResumableDistributedSampler(data, num_replicas=2, rank=0, seed=3)
     partial.set_epoch(1)
     it = iter(partial)
     head = [next(it) for _ in range(4)]
     state = partial.state_dict()
     assert state == {"epoch": 1, "yielded": 4}
-    again = train.ResumableDistributedSampler(data, num_replicas=2, rank=0, seed=3)
+    again = worker.ResumableDistributedSampler(data, num_replicas=2, rank=0, seed=3)
     again.load_state_dict(state)
     assert head + list(again) == order
     assert list(again) == order  # the next pass is a whole epoch again
@@ -99,12 +100,12 @@ def test_resumable_distributed_sampler_continues_mid_epoch() -> None:
 
 def test_default_out(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    assert train.default_out(TrainConfig(resume="auto")).startswith("runs/")  # none yet: new
+    assert worker.default_out(TrainConfig(resume="auto")).startswith("runs/")  # none yet: new
     for name in ("20250101-000000", "20260101-000000"):
         (tmp_path / "runs" / name).mkdir(parents=True)
-    assert train.default_out(TrainConfig(resume="auto")) == "runs/20260101-000000"
-    assert train.default_out(TrainConfig(out="mine", resume="auto")) == "mine"
-    assert train.default_out(TrainConfig()) not in ("runs/20260101-000000", "runs/20250101-000000")
+    assert worker.default_out(TrainConfig(resume="auto")) == "runs/20260101-000000"
+    assert worker.default_out(TrainConfig(out="mine", resume="auto")) == "mine"
+    assert worker.default_out(TrainConfig()) not in ("runs/20260101-000000", "runs/20250101-000000")
 
 
 _EVAL_KEYS = {"step", "epoch", "time", "test_loss", "test_acc", "eval_s"}
@@ -136,6 +137,6 @@ def test_eval_every_records_the_average_and_leaves_the_replicas_alone(
 
 def test_a_scratch_copy_only_where_replicas_differ_and_evaluation_is_asked() -> None:
     module = torch.nn.Linear(1, 1)
-    assert train._scratch_module(TrainConfig(eval_every=1), "gossip", module) is not module
-    assert train._scratch_module(TrainConfig(eval_every=1), "allreduce", module) is None
-    assert train._scratch_module(TrainConfig(), "gossip", module) is None
+    assert worker._scratch_module(TrainConfig(eval_every=1), "gossip", module) is not module
+    assert worker._scratch_module(TrainConfig(eval_every=1), "allreduce", module) is None
+    assert worker._scratch_module(TrainConfig(), "gossip", module) is None

@@ -26,11 +26,11 @@ from gossipgrad import (
     SCHEDULES,
     GossipDataParallel,
     GossipShuffleSampler,
-    cli,
     partners,
     wrap,
 )
-from gossipgrad.config import (
+from gossipgrad.train import cli
+from gossipgrad.train.config import (
     ALGOS,
     DEVICES,
     MODES,
@@ -40,8 +40,8 @@ from gossipgrad.config import (
     TrainConfig,
     flag,
 )
-from gossipgrad.data import DATASETS
-from gossipgrad.models import MODELS
+from gossipgrad.train.data import DATASETS
+from gossipgrad.train.models import MODELS
 
 _FAST = settings(
     max_examples=40,
@@ -402,7 +402,7 @@ def test_engine_accepts_good_options(world_of_one, options) -> None:
     if options.get("wire_dtype") is None:  # see test_one_replica_is_at_consensus_on_any_wire
         assert model.consensus_distance() == 0.0
     for name, value in options.items():
-        assert getattr(model, name, value) == value
+        assert getattr(model.options, name) == value
 
 
 @_FAST

@@ -13,7 +13,7 @@ from torch import nn
 
 import gossipgrad
 from gossipgrad.schedule import rounds_length
-from gossipgrad.virtual import VirtualCluster, replica_batches
+from gossipgrad.sim.virtual import VirtualCluster, replica_batches
 
 _CONFIGS = [  # (algo, sync, mode)
     ("gossip", True, "params"),

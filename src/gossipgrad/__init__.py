@@ -1,9 +1,17 @@
-"""gossipgrad: data-parallel training where each rank talks to one partner per step (GossipGraD)."""
+"""gossipgrad: data-parallel training where each rank talks to one partner per step (GossipGraD).
 
-from gossipgrad.allreduce import ALGOS, AllReduceDataParallel, wrap
+The library core lives at the top of the package (engines, schedules, mixing, point-to-point,
+collectives, replica checkpoints, the distributed shuffle). ``gossipgrad.sim`` is the simulator and
+``gossipgrad.train`` the training job (``gossipgrad train``); the core imports neither.
+"""
+
+from gossipgrad.allreduce import AllReduceDataParallel
+from gossipgrad.contract import DataParallel
+from gossipgrad.engines import ALGOS, wrap
 from gossipgrad.errors import GossipError, NonFiniteError, PeerError
+from gossipgrad.gossip import GossipDataParallel
 from gossipgrad.hierarchical import HierarchicalDataParallel
-from gossipgrad.parallel import GossipDataParallel
+from gossipgrad.options import GossipOptions
 from gossipgrad.sampler import GossipShuffleDataset, GossipShuffleSampler, label_skew_shards
 from gossipgrad.schedule import SCHEDULES, partners, plan
 
@@ -11,8 +19,10 @@ __all__ = [
     "ALGOS",
     "SCHEDULES",
     "AllReduceDataParallel",
+    "DataParallel",
     "GossipDataParallel",
     "GossipError",
+    "GossipOptions",
     "GossipShuffleDataset",
     "GossipShuffleSampler",
     "HierarchicalDataParallel",

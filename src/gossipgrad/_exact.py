@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from functools import cache, lru_cache
 
-from gossipgrad.schedule import Exchange, _permutation
+from gossipgrad._plan import Exchange, permutation
 
 _REST = Exchange(None, None, 0.0)
 
@@ -58,14 +58,14 @@ def exact_exchange(rank: int, step: int, world_size: int, seed: int = 0) -> Exch
     other, weight = _leaf_table(n)[leaf_step][digit]
     if other is None:
         return _REST
-    peer = _permutation(world_size, seed, rnd)[v + (other - digit) * stride]
+    peer = permutation(world_size, seed, rnd)[v + (other - digit) * stride]
     return Exchange(peer, peer, weight)
 
 
 @lru_cache(maxsize=64)
 def _inverse(world_size: int, seed: int, rnd: int) -> tuple[int, ...]:
     inv = [0] * world_size
-    for v, rank in enumerate(_permutation(world_size, seed, rnd)):
+    for v, rank in enumerate(permutation(world_size, seed, rnd)):
         inv[rank] = v
     return tuple(inv)
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import operator
 import time
-import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -224,35 +223,6 @@ def resolve_group(
             f"(world size {world}, rank {me}): leave them None"
         )
     return group, world, me
-
-
-def agree(
-    group: dist.ProcessGroup | None,
-    world_size: int,
-    mine: dict[str, int],
-    fixes: dict[str, str],
-) -> dict[str, list[int]]:
-    """One ``all_gather`` of a few integers; every rank's values by key. Raises ``ValueError`` if
-    a key's values differ across ranks, with the fix from ``fixes`` (``""``: may differ)."""
-    values = torch.tensor(list(mine.values()), dtype=torch.int64)
-    everyone = [values]
-    if world_size > 1:
-        everyone = [torch.empty_like(values) for _ in range(world_size)]
-        dist.all_gather(everyone, values, group=group)
-    table = {key: [int(v[i]) for v in everyone] for i, key in enumerate(mine)}
-    for key, seen in table.items():
-        fix = fixes.get(key, f"pass the same {key} on every rank")
-        if fix and len(set(seen)) > 1:
-            raise ValueError(f"{key} differs across ranks ({seen}, by rank): {fix}")
-    return table
-
-
-def crc(parts: Iterable[bytes]) -> int:
-    """A checksum of ``parts`` and of where each ends."""
-    crc = 0
-    for part in parts:
-        crc = zlib.crc32(part + len(part).to_bytes(8, "little"), crc)
-    return crc
 
 
 def layout(tensors: Sequence[torch.Tensor]) -> list[tuple[tuple[int, ...], torch.dtype]]:

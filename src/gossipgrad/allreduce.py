@@ -1,4 +1,4 @@
-"""The all-reduce baseline, one switch away from gossip: ``wrap(module, algo="allreduce")``.
+"""The all-reduce baseline, one switch away from gossip: ``gossipgrad.wrap(module, "allreduce")``.
 
 ``AllReduceDataParallel`` is PyTorch's ``DistributedDataParallel`` with the few extra methods that
 ``GossipDataParallel`` has, so a training loop (and every benchmark) runs either unchanged.
@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -14,12 +13,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gossipgrad.consensus import average_, consensus_distance
-from gossipgrad.hierarchical import HierarchicalDataParallel
-from gossipgrad.mixing import check_bucket_cap, make_buckets, replica_tensors
-from gossipgrad.parallel import GossipDataParallel
-
-ALGOS = ("gossip", "allreduce", "hierarchical")
+from gossipgrad.collectives import average_, consensus_distance
+from gossipgrad.mixing import make_buckets, replica_tensors
+from gossipgrad.options import check_bucket_cap
 
 
 class AllReduceDataParallel(DistributedDataParallel):
@@ -64,54 +60,12 @@ class AllReduceDataParallel(DistributedDataParallel):
     def consensus_distance(self) -> float:
         return consensus_distance(replica_tensors(self.module), self._buckets, self.group)
 
-    def average_replicas(self) -> None:
-        average_(replica_tensors(self.module), self._buckets, self.group)
+    def average_replicas(self, into: nn.Module | None = None) -> None:
+        target = None if into is None else replica_tensors(into)
+        average_(replica_tensors(self.module), self._buckets, self.group, into=target)
 
     def gossip_state(self) -> dict[str, Any]:
         return {"step": self.step}
 
     def load_gossip_state(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
-
-
-def wrap(
-    module: nn.Module,
-    algo: str = "gossip",
-    *,
-    process_group: dist.ProcessGroup | None = None,
-    bucket_cap_mb: float = 25.0,
-    sync: bool = False,
-    mode: str = "params",
-    schedule: str = "dissemination",
-    seed: int = 0,
-    timeout: timedelta = timedelta(minutes=5),
-    on_nonfinite: str = "raise",
-    wire_dtype: torch.dtype | None = None,
-    streams: int = 1,
-    ranks_per_node: int | None = None,
-) -> GossipDataParallel | AllReduceDataParallel | HierarchicalDataParallel:
-    """Wrap ``module`` for ``algo`` = ``"gossip"``, ``"allreduce"`` or ``"hierarchical"``
-    (all-reduce inside a node, gossip between nodes; ``ranks_per_node`` defaults to torchrun's
-    layout). The gossip-only options (``sync``, ``mode``, ``schedule``, ``seed``, ``timeout``,
-    ``on_nonfinite``, ``wire_dtype``, ``streams``) are ignored by all-reduce."""
-    gossip_options: dict[str, Any] = {
-        "sync": sync,
-        "schedule": schedule,
-        "seed": seed,
-        "bucket_cap_mb": bucket_cap_mb,
-        "timeout": timeout,
-        "on_nonfinite": on_nonfinite,
-        "wire_dtype": wire_dtype,
-        "streams": streams,
-    }
-    if algo == "gossip":
-        return GossipDataParallel(module, mode=mode, process_group=process_group, **gossip_options)
-    if algo == "hierarchical":
-        if process_group is not None or mode != "params":
-            raise ValueError("algo='hierarchical' takes the whole world and mode='params' only")
-        return HierarchicalDataParallel(module, ranks_per_node=ranks_per_node, **gossip_options)
-    if algo == "allreduce":
-        return AllReduceDataParallel(
-            module, process_group=process_group, bucket_cap_mb=bucket_cap_mb
-        )
-    raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")

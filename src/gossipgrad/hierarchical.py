@@ -32,7 +32,6 @@ the same point, as with the other wrappers.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,16 +42,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gossipgrad.consensus import average_, broadcast_, consensus_distance
+from gossipgrad.collectives import average_, broadcast_, consensus_distance, gather_object
+from gossipgrad.gossip import GossipDataParallel, load_schedule_state, schedule_state
 from gossipgrad.mixing import make_buckets, replica_tensors
-from gossipgrad.parallel import GossipDataParallel
+from gossipgrad.options import GossipOptions
 
-# GossipDataParallel's keyword options and their defaults; the process group is ours to build.
-GOSSIP_OPTIONS = {
-    name: p.default
-    for name, p in inspect.signature(GossipDataParallel.__init__).parameters.items()
-    if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "process_group"
-}
 _ENV = ("GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")  # what torchrun tells about the node
 
 
@@ -72,17 +66,21 @@ class HierarchicalDataParallel(nn.Module):
         module: the model, on the device its rank trains on.
         ranks_per_node: ranks per node; consecutive global ranks share a node. Default: the node
             layout of torchrun's environment.
-        **gossip_options: ``GossipDataParallel``'s options for the gossip between leaders
-            (``sync``, ``schedule``, ``seed``, ``bucket_cap_mb``, ``timeout``, ``on_nonfinite``,
-            ``wire_dtype``, ``streams``); ``bucket_cap_mb`` also sizes DDP's buckets. Only the
-            default ``mode="params"`` is supported.
+        options: the options of the gossip between leaders (``GossipOptions``; keywords
+            override single ones, as for ``GossipDataParallel``); ``bucket_cap_mb`` also sizes
+            DDP's buckets. Only ``mode="params"`` is supported.
 
     Attributes: ``nodes`` (each node's global ranks), ``node`` (this rank's node index),
     ``is_leader``, ``node_group`` and ``leaders_group`` (process groups), ``step``.
     """
 
     def __init__(
-        self, module: nn.Module, *, ranks_per_node: int | None = None, **gossip_options: Any
+        self,
+        module: nn.Module,
+        options: GossipOptions | None = None,
+        *,
+        ranks_per_node: int | None = None,
+        **overrides: Any,
     ) -> None:
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
@@ -90,11 +88,17 @@ class HierarchicalDataParallel(nn.Module):
                 "HierarchicalDataParallel needs torch.distributed initialised: call "
                 "torch.distributed.init_process_group first, or launch with torchrun"
             )
-        options = _options(gossip_options)
+        if "process_group" in overrides:
+            raise ValueError(
+                "HierarchicalDataParallel builds its own process groups (one per node, one of the "
+                "leaders): leave process_group out"
+            )
+        self.options = o = GossipOptions.build(options, **overrides)
+        if o.mode != "params":
+            raise ValueError(
+                f"HierarchicalDataParallel supports mode='params' only, got mode={o.mode!r}"
+            )
         self.module = module
-        self.sync: bool = options["sync"]
-        self.schedule: str = options["schedule"]
-        self.seed: int = options["seed"]
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.nodes = _layout(ranks_per_node, self.world_size)
@@ -112,20 +116,20 @@ class HierarchicalDataParallel(nn.Module):
         gossip = None
         if len(self.nodes) > 1:
             if not self.is_leader:  # GossipDataParallel makes streams - 1 more leader groups
-                for _ in range(options["streams"] - 1):
+                for _ in range(o.streams - 1):
                     dist.new_group(leaders)
             gossip = _on_leader(
-                lambda: GossipDataParallel(module, process_group=self.leaders_group, **options),
+                lambda: GossipDataParallel(module, o, process_group=self.leaders_group),
                 self.is_leader,
                 self.node_group,
             )
         ddp = None
         if node_size > 1:
             ddp = DistributedDataParallel(
-                module, process_group=self.node_group, bucket_cap_mb=options["bucket_cap_mb"]
+                module, process_group=self.node_group, bucket_cap_mb=o.bucket_cap_mb
             )
         self._engines = _Engines(ddp=ddp, gossip=gossip)
-        self._buckets = make_buckets(replica_tensors(module), int(options["bucket_cap_mb"] * 2**20))
+        self._buckets = make_buckets(replica_tensors(module), o.bucket_cap_bytes)
 
     # --- the training step -------------------------------------------------------------------
 
@@ -141,8 +145,8 @@ class HierarchicalDataParallel(nn.Module):
             return
         if self._engines.gossip is not None:
             self._engines.gossip.gossip_step()  # mix the last exchange in, start this step's
-        mixed = self.sync or self._in_flight
-        self._in_flight = not self.sync
+        mixed = self.options.sync or self._in_flight
+        self._in_flight = not self.options.sync
         if mixed:
             self._share()
 
@@ -176,10 +180,12 @@ class HierarchicalDataParallel(nn.Module):
         self.flush()
         return consensus_distance(replica_tensors(self.module), self._buckets, dist.group.WORLD)
 
-    def average_replicas(self) -> None:
-        """Set every rank's replica to the exact average over all ranks (collective)."""
+    def average_replicas(self, into: nn.Module | None = None) -> None:
+        """Set every rank's replica to the exact average over all ranks (collective); with
+        ``into`` (a module like this one), write the average there and leave the replicas."""
         self.flush()
-        average_(replica_tensors(self.module), self._buckets, dist.group.WORLD)
+        target = None if into is None else replica_tensors(into)
+        average_(replica_tensors(self.module), self._buckets, dist.group.WORLD, into=target)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -195,39 +201,19 @@ class HierarchicalDataParallel(nn.Module):
     def gossip_state(self) -> dict[str, Any]:
         """What a checkpoint needs to resume the schedule exactly (the same keys as
         ``GossipDataParallel``'s)."""
-        return {"step": self.step, "schedule": self.schedule, "seed": self.seed}
+        return schedule_state(self.step, self.options)
 
     def load_gossip_state(self, state: dict[str, Any]) -> None:
-        GossipDataParallel.load_gossip_state(self, state)  # type: ignore[arg-type]  # same checks
+        self.step = load_schedule_state(state, self.options)
         if self._engines.gossip is not None:
             self._engines.gossip.load_gossip_state(state)
-
-
-def _options(gossip_options: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(gossip_options) - set(GOSSIP_OPTIONS))
-    if "process_group" in unknown:
-        raise ValueError(
-            "HierarchicalDataParallel builds its own process groups (one per node, one of the "
-            "leaders): leave process_group out"
-        )
-    if unknown:
-        raise ValueError(
-            f"unknown options {unknown}: the gossip options are {list(GOSSIP_OPTIONS)}"
-        )
-    options = {**GOSSIP_OPTIONS, **gossip_options}
-    if options["mode"] != "params":
-        raise ValueError(
-            f"HierarchicalDataParallel supports mode='params' only, got mode={options['mode']!r}"
-        )
-    return options
 
 
 def _layout(ranks_per_node: int | None, world: int) -> list[list[int]]:
     """Each node's global ranks, in node order (collective over the world)."""
     torchrun = "GROUP_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", world)) == world
     mine = (ranks_per_node, tuple(int(os.environ[k]) for k in _ENV) if torchrun else None)
-    everyone: list[Any] = [None] * world
-    dist.all_gather_object(everyone, mine)
+    everyone = gather_object(mine, None, world)
     if any(e[0] != ranks_per_node for e in everyone):
         raise ValueError(
             f"ranks disagree on ranks_per_node ({[e[0] for e in everyone]}): pass the same value "

@@ -1,7 +1,7 @@
 """Flat buffers and the mixing arithmetic, shared by the engine and the virtual cluster.
 
 Nothing here communicates: these are plain tensor operations, so that the same code mixes replicas
-across processes (``gossipgrad.parallel``) and inside one process (``gossipgrad.virtual``).
+across processes (``gossipgrad.gossip``) and inside one process (``gossipgrad.sim.virtual``).
 
 Mixing with weight ``w`` (``w = 1/2`` for every schedule but ``exact``):
 
@@ -15,7 +15,6 @@ partner (staleness 1). When nothing moved, ``x == s`` and both forms agree.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -43,13 +42,6 @@ def replica_tensors(module: nn.Module) -> list[torch.Tensor]:
     gossip mixes and what consensus and averaging cover. Read afresh at each use, so a module
     that reassigns a buffer is still covered."""
     return list(module.parameters()) + [b for b in module.buffers() if b.is_floating_point()]
-
-
-def check_bucket_cap(bucket_cap_mb: object) -> None:
-    """Raise ``ValueError`` unless ``bucket_cap_mb`` is a finite number > 0 (MiB)."""
-    ok = isinstance(bucket_cap_mb, (int, float)) and not isinstance(bucket_cap_mb, bool)
-    if not ok or not math.isfinite(bucket_cap_mb) or bucket_cap_mb <= 0:  # type: ignore[arg-type]
-        raise ValueError(f"bucket_cap_mb must be a finite number > 0 (MiB), got {bucket_cap_mb!r}")
 
 
 def make_buckets(

@@ -39,8 +39,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Sampler
 
-from gossipgrad._shard import Options, Shard, agree, crc, resolve_group
+from gossipgrad._shard import Options, Shard, resolve_group
 from gossipgrad._shuffle_plan import check_shards, label_skew_shards, strided_shard
+from gossipgrad.collectives import agree, crc
 
 __all__ = ["GossipShuffleDataset", "GossipShuffleSampler", "label_skew_shards"]
 

@@ -25,21 +25,13 @@ Schedules (``SCHEDULES``):
 from __future__ import annotations
 
 import math
-import random
-from dataclasses import dataclass
-from functools import lru_cache
+
+from gossipgrad._exact import exact_exchange, exact_period
+from gossipgrad._plan import Exchange, permutation
+
+__all__ = ["SCHEDULES", "Exchange", "partners", "plan", "rounds_length"]
 
 SCHEDULES: tuple[str, ...] = ("dissemination", "dissemination-fixed", "hypercube", "ring", "exact")
-
-
-@dataclass(frozen=True)
-class Exchange:
-    """One rank's part of one step: where its message goes, where its input comes from, and the
-    weight given to the received replica when mixing (``x <- (1 - weight) x + weight x_recv``)."""
-
-    send_to: int | None
-    recv_from: int | None
-    weight: float = 0.5
 
 
 def rounds_length(world_size: int, schedule: str = "dissemination") -> int:
@@ -48,8 +40,6 @@ def rounds_length(world_size: int, schedule: str = "dissemination") -> int:
     if schedule == "ring":
         return max(1, world_size - 1)
     if schedule == "exact":
-        from gossipgrad._exact import exact_period
-
         return exact_period(world_size)
     return max(1, math.ceil(math.log2(world_size))) if world_size > 1 else 1
 
@@ -64,13 +54,11 @@ def plan(
     if schedule == "ring":
         return Exchange((rank + 1) % world_size, (rank - 1) % world_size)
     if schedule == "exact":
-        from gossipgrad._exact import exact_exchange
-
         return exact_exchange(rank, step, world_size, seed)
 
     length = rounds_length(world_size, schedule)
     rnd, k = divmod(step, length)
-    perm = _permutation(world_size, seed, rnd) if schedule != "dissemination-fixed" else None
+    perm = permutation(world_size, seed, rnd) if schedule != "dissemination-fixed" else None
     v = perm.index(rank) if perm is not None else rank
     if schedule == "hypercube":
         to = frm = v ^ (1 << k)
@@ -87,15 +75,6 @@ def partners(
     """``(send_to, recv_from)`` for ``rank`` at ``step``; ``None`` where no message goes."""
     ex = plan(rank, step, world_size, seed, schedule)
     return ex.send_to, ex.recv_from
-
-
-@lru_cache(maxsize=64)
-def _permutation(world_size: int, seed: int, rnd: int) -> tuple[int, ...]:
-    # Seeded from a string, which random.Random hashes deterministically (SHA-512), so the
-    # permutation is the same on every rank, machine and Python version.
-    perm = list(range(world_size))
-    random.Random(f"gossipgrad:{seed}:{rnd}").shuffle(perm)
-    return tuple(perm)
 
 
 def _check(rank: int, step: int, world_size: int, schedule: str) -> None:

@@ -15,19 +15,25 @@ import argparse
 import math
 import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from gossipgrad.data import DATASETS, import_callable
-from gossipgrad.models import MODELS
+from gossipgrad.engines import ALGOS as ENGINE_ALGOS
+from gossipgrad.options import MODES, ON_NONFINITE, WIRE_DTYPES, GossipOptions
 from gossipgrad.schedule import SCHEDULES
+from gossipgrad.train.data import DATASETS
+from gossipgrad.train.models import MODELS
+from gossipgrad.train.plugins import import_callable
 
-ALGOS = ("gossip", "allreduce", "hierarchical", "both")
+ALGOS = (*ENGINE_ALGOS, "both")
 OPTIMIZERS = ("sgd", "adam", "adamw")
-MODES = ("params", "gradients")
-ON_NONFINITE = ("raise", "skip")
 DEVICES = ("auto", "cpu", "cuda")
-WIRE = ("none", "bfloat16", "float16")
+WIRE = tuple(WIRE_DTYPES)
+_ENGINE = GossipOptions()  # the engine's defaults, which the flags below take
+# Engine options whose flag has another name (field ``bucket_cap_mb``: ``--bucket-mb``), so that
+# an error of ``GossipOptions`` names the flag.
+_FLAG_OF = {"bucket_cap_mb": "bucket_mb", "timeout": "timeout_s"}
 
 
 _MAX_SEED = 2**63 - 1  # the shuffle's agreement check holds seeds in an int64
@@ -89,34 +95,38 @@ class TrainConfig:
     seed: int = field(default=0, metadata=_opt("seeds the model, data split, sampler, schedule"))
     # --- gossip
     schedule: str = field(
-        default="dissemination", metadata=_opt("gossip partner schedule", choices=SCHEDULES)
+        default=_ENGINE.schedule, metadata=_opt("gossip partner schedule", choices=SCHEDULES)
     )
     sync: bool = field(
-        default=False, metadata=_opt("wait for each exchange instead of overlapping it")
+        default=_ENGINE.sync, metadata=_opt("wait for each exchange instead of overlapping it")
     )
     mode: str = field(
-        default="params", metadata=_opt("what gossip mixes with the partner", choices=MODES)
+        default=_ENGINE.mode, metadata=_opt("what gossip mixes with the partner", choices=MODES)
     )
     shuffle_fraction: float = field(
         default=0.25,
         metadata=_opt("share of its samples a rank passes to its partner each epoch (0 to 1)"),
     )
-    bucket_mb: float = field(default=25.0, metadata=_opt("largest message, in MiB"))
+    bucket_mb: float = field(
+        default=_ENGINE.bucket_cap_mb, metadata=_opt("largest message, in MiB")
+    )
     wire_dtype: str = field(
-        default="none",
+        default="none",  # _ENGINE.wire_dtype
         metadata=_opt(
             "send parameters as bfloat16 or float16 (half the bytes), or none", choices=WIRE
         ),
     )
     streams: int = field(
-        default=1, metadata=_opt("connections per partner to spread messages over (1 to 16)")
+        default=_ENGINE.streams,
+        metadata=_opt("connections per partner to spread messages over (1 to 16)"),
     )
     on_nonfinite: str = field(
-        default="raise",
+        default=_ENGINE.on_nonfinite,
         metadata=_opt("on NaN/inf parameters: raise, or skip that exchange", choices=ON_NONFINITE),
     )
     timeout_s: float = field(
-        default=300.0, metadata=_opt("seconds to wait for a peer before failing")
+        default=_ENGINE.timeout.total_seconds(),
+        metadata=_opt("seconds to wait for a peer before failing"),
     )
     # --- length, logging, checkpoints
     max_steps: int = field(default=0, metadata=_opt("stop after this many steps (0: no cap)"))
@@ -170,8 +180,6 @@ class TrainConfig:
         _in_range(self, "momentum", 0.0, 1.0, upper_open=True)
         _at_least(self, "weight_decay", 0.0)
         _in_range(self, "shuffle_fraction", 0.0, 1.0)
-        _positive(self, "bucket_mb")
-        _in_range(self, "streams", 1, 16)
         if not 0 <= self.seed <= _MAX_SEED:
             raise ConfigError(f"--seed must be in [0, 2**63 - 1], got {self.seed}")
         _positive(self, "timeout_s")
@@ -202,11 +210,34 @@ class TrainConfig:
                     import_callable(spec, option)
                 except ValueError as error:
                     raise ConfigError(f"{flag(option)}: {error}") from None
+        self._check_engine_options()
         if self.tensorboard and not _has_tensorboard():
             raise ConfigError(
                 "--tensorboard needs the tensorboard package: pip install 'gossipgrad[tensorboard]'"
             )
         return self
+
+    def gossip_options(self) -> GossipOptions:
+        """The engine's options these flags set: the one place where flags map onto them."""
+        return GossipOptions(
+            sync=self.sync,
+            mode=self.mode,
+            schedule=self.schedule,
+            seed=self.seed,
+            bucket_cap_mb=self.bucket_mb,
+            timeout=timedelta(seconds=self.timeout_s),
+            on_nonfinite=self.on_nonfinite,
+            wire_dtype=WIRE_DTYPES[self.wire_dtype],
+            streams=self.streams,
+        )
+
+    def _check_engine_options(self) -> None:
+        """``GossipOptions`` checks the engine's options; its error names the flag."""
+        try:
+            self.gossip_options()
+        except ValueError as error:
+            name = str(error).split(" ", 1)[0]
+            raise ConfigError(f"{flag(_FLAG_OF.get(name, name))}: {error}") from None
 
     def algos(self) -> tuple[str, ...]:
         """The algorithms to run, in order."""

@@ -1,6 +1,6 @@
-"""Held-out evaluation: a model's loss and accuracy on a dataset shared out over the ranks, and the
-replicas' exact average copied into a scratch module, so that it can be evaluated during training
-without changing the replicas themselves."""
+"""Held-out evaluation: a model's loss and accuracy on a dataset shared out over the ranks. To
+evaluate the replicas' exact average during training without changing the replicas, the loop
+writes it into a scratch module first (``DataParallel.average_replicas(into=scratch)``)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from gossipgrad.consensus import average_
-from gossipgrad.mixing import make_buckets, replica_tensors
-from gossipgrad.models import task_loss
+from gossipgrad.train.models import task_loss
 
 
 @torch.no_grad()
@@ -37,13 +35,3 @@ def evaluate(
     module.train(was_training)
     loss, correct, count = sums.tolist()
     return loss / max(count, 1), correct / max(count, 1)
-
-
-def average_into(scratch: torch.nn.Module, module: torch.nn.Module) -> torch.nn.Module:
-    """Set ``scratch``'s parameters and float buffers to the exact mean over ranks of
-    ``module``'s (one all-reduce per 25 MiB bucket, through temporary buffers); return
-    ``scratch``."""
-    sources = replica_tensors(module)
-    buckets = make_buckets(sources, 25 * 2**20)
-    average_(sources, buckets, dist.group.WORLD, into=replica_tensors(scratch))
-    return scratch

@@ -1,13 +1,14 @@
-"""Collective helpers over a set of replicas: how far apart they are, and their exact average.
-
-These are the only collectives gossipgrad uses, and never inside a training step: the consensus
-distance is measured every N steps, the exact average once at the end (or every K steps on request).
+"""The collectives gossipgrad uses, never inside a training step: how far apart the replicas
+are (consensus distance, every N steps), their exact average (at the end, or on request), the
+broadcast from rank 0 when wrapping, and the checks that every rank agrees on its setup.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -82,3 +83,37 @@ def broadcast_(
         dist.broadcast(flat, src, group=group)
         if not is_src:
             torch._foreach_copy_(own, views(flat, own))
+
+
+def gather_object(obj: Any, group: dist.ProcessGroup | None, world_size: int) -> list[Any]:
+    """Every rank's ``obj`` (picklable), by group rank; no communication in a world of one."""
+    if world_size == 1:
+        return [obj]
+    everyone: list[Any] = [None] * world_size
+    dist.all_gather_object(everyone, obj, group=group)
+    return everyone
+
+
+def agree(
+    group: dist.ProcessGroup | None,
+    world_size: int,
+    mine: dict[str, int],
+    fixes: dict[str, str],
+) -> dict[str, list[int]]:
+    """Every rank's ``mine`` values by key (one ``all_gather_object``). Raises ``ValueError`` if
+    a key's values differ across ranks, with the fix from ``fixes`` (``""``: may differ)."""
+    everyone = gather_object(mine, group, world_size)
+    table = {key: [int(v[key]) for v in everyone] for key in mine}
+    for key, seen in table.items():
+        fix = fixes.get(key, f"pass the same {key} on every rank")
+        if fix and len(set(seen)) > 1:
+            raise ValueError(f"{key} differs across ranks ({seen}, by rank): {fix}")
+    return table
+
+
+def crc(parts: Iterable[bytes]) -> int:
+    """A checksum of ``parts`` and of where each ends."""
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(part + len(part).to_bytes(8, "little"), crc)
+    return crc

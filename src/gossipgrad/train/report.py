@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from gossipgrad.metrics import read_metrics
+from gossipgrad.train.metrics import read_metrics
 
 REPORT_IMAGE = "report.png"
 SUMMARY_FILE = "summary.json"

@@ -22,11 +22,7 @@ Every sample is ``(input, target)``. ``DatasetInfo`` tells a model builder what 
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
-import os
-import sys
 import sysconfig
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
+
+from gossipgrad.train.plugins import check_options, import_callable
 
 TASKS: tuple[str, ...] = ("classification", "lm")
 DATASETS: tuple[str, ...] = ("digits", "pytext", "synthetic-imagenet")
@@ -111,19 +109,6 @@ def targets_of(dataset: Any) -> torch.Tensor | None:
     if labels is None or labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
         return None
     return labels if len(labels) == len(dataset) else None
-
-
-def check_options(fn: Callable[..., Any], options: dict[str, Any], what: str) -> None:
-    """Raise a ValueError naming the allowed options when ``options`` has one ``fn`` lacks."""
-    params = inspect.signature(fn).parameters
-    allowed = [p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY]
-    allowed = [p for p in allowed if p != "seed"]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {', '.join(unknown)} for {what}; "
-            f"allowed: {', '.join(allowed) if allowed else 'none'}"
-        )
 
 
 # --- digits -------------------------------------------------------------------------------------
@@ -335,13 +320,17 @@ def load_user_dataset(spec: str, *, seed: int = 0) -> tuple[Dataset, Dataset, Da
             raise ValueError(f"{spec!r}: the {split} dataset is empty")
     if len(result) == 3:
         if not isinstance(result[2], DatasetInfo):
-            raise ValueError(f"{spec!r}: the third value must be a gossipgrad.data.DatasetInfo")
+            raise ValueError(
+                f"{spec!r}: the third value must be a gossipgrad.train.data.DatasetInfo"
+            )
         return train, test, result[2]
     return train, test, _infer_info(spec, train, test)
 
 
 def _infer_info(spec: str, train: Any, test: Any) -> DatasetInfo:
-    advice = "return (train, test, gossipgrad.data.DatasetInfo(name, task, input_shape, classes))"
+    advice = (
+        "return (train, test, gossipgrad.train.data.DatasetInfo(name, task, input_shape, classes))"
+    )
     sample = train[0]
     if not isinstance(sample, (tuple, list)) or len(sample) != 2:
         raise ValueError(f"{spec!r}: samples must be (input, target) pairs; or {advice}")
@@ -356,67 +345,6 @@ def _infer_info(spec: str, train: Any, test: Any) -> DatasetInfo:
         )
     classes = int(max(int(t.max()) for t in labels)) + 1  # type: ignore[union-attr]
     return DatasetInfo(spec, "classification", tuple(x.shape), classes)
-
-
-def import_callable(spec: str, what: str) -> Callable[..., Any]:
-    """The callable named by ``"module:attr"`` or ``"path/file.py:attr"`` (a plain module name
-    that is not importable is also looked for as ``./module.py``)."""
-    module_name, sep, attr = spec.rpartition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(
-            f"bad {what} spec {spec!r}: expected 'module:function' or 'path/file.py:function'"
-        )
-    module = _import_module(module_name, spec, what)
-    fn = module
-    for part in attr.split("."):
-        if not hasattr(fn, part):
-            names = [n for n in dir(module) if not n.startswith("_")]
-            raise ValueError(
-                f"{what} spec {spec!r}: module {module_name!r} has no attribute {attr!r}; "
-                f"it has: {', '.join(names) or 'nothing public'}"
-            )
-        fn = getattr(fn, part)
-    if not callable(fn):
-        raise ValueError(f"{what} spec {spec!r}: {attr!r} is not callable")
-    return fn
-
-
-def _import_module(module_name: str, spec: str, what: str) -> Any:
-    file = Path(module_name)
-    if module_name.endswith(".py") or os.sep in module_name:
-        return _import_file(file, spec, what)
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        missing = error.name or ""
-        if missing != module_name and not module_name.startswith(missing + "."):
-            raise  # the user's module imports something that is missing: show that
-        local = Path.cwd() / f"{module_name}.py"
-        if "." not in module_name and local.is_file():
-            return _import_file(local, spec, what)
-        raise ValueError(
-            f"{what} spec {spec!r}: cannot import module {module_name!r} ({error}); put its "
-            "folder on PYTHONPATH or give a file path, e.g. 'path/to/file.py:function'"
-        ) from None
-
-
-def _import_file(file: Path, spec: str, what: str) -> Any:
-    if not file.is_file():
-        raise ValueError(f"{what} spec {spec!r}: file {str(file)!r} not found")
-    name = file.stem
-    if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(file.resolve()):
-        return sys.modules[name]
-    module_spec = importlib.util.spec_from_file_location(name, file.resolve())
-    if module_spec is None or module_spec.loader is None:
-        raise ValueError(f"{what} spec {spec!r}: cannot load {str(file)!r} as a Python module")
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[name] = module  # so that its classes pickle (DataLoader workers, checkpoints)
-    try:
-        module_spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
 
 
 def _accepts(fn: Callable[..., Any], name: str) -> bool:

@@ -50,7 +50,7 @@ from gossipgrad.mixing import (
     pack_,
     replica_tensors,
 )
-from gossipgrad.parallel import MODES
+from gossipgrad.options import GossipOptions
 from gossipgrad.schedule import Exchange, plan
 
 ALGOS = ("gossip", "allreduce")  # what the virtual cluster simulates
@@ -63,35 +63,33 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 
 class VirtualCluster:
     """``world_size`` replicas of ``module`` (deep copies, all equal at the start), each with its
-    own optimizer from ``make_optimizer(replica.parameters())``; see the module docstring for
-    what ``algo``, ``mode``, ``sync``, ``schedule`` and ``seed`` do (the same as in
-    ``gossipgrad.wrap``). ``replicas[i]`` plays rank ``i``."""
+    own optimizer from ``make_optimizer(replica.parameters())``. ``options`` (or keyword
+    overrides) are the engine's ``GossipOptions``: ``mode``, ``sync``, ``schedule``, ``seed`` and
+    ``bucket_cap_mb`` act as in ``gossipgrad.wrap`` (see the module docstring); the options of
+    the wire (timeout, wire dtype, streams, on_nonfinite) do not apply. ``replicas[i]`` plays
+    rank ``i``."""
 
     def __init__(
         self,
         module: nn.Module,
         world_size: int,
         make_optimizer: OptimizerFactory,
+        options: GossipOptions | None = None,
         *,
         algo: str = "gossip",
-        sync: bool = False,
-        mode: str = "params",
-        schedule: str = "dissemination",
-        seed: int = 0,
-        bucket_cap_mb: float = 25.0,
+        **overrides: Any,
     ) -> None:
-        _validate(algo, mode, bucket_cap_mb)
-        plan(0, 0, world_size, seed, schedule)  # checks world_size and schedule (and both)
+        if algo not in ALGOS:
+            raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")
+        o = self.options = GossipOptions.build(options, **overrides)
+        plan(0, 0, world_size, o.seed, o.schedule)  # checks world_size against the schedule
         self.world_size = world_size
         self.algo = algo
-        self.sync = sync
-        self.mode = mode
-        self.schedule = schedule
-        self.seed = seed
+        self.sync, self.mode, self.schedule, self.seed = o.sync, o.mode, o.schedule, o.seed
         self.step = 0
         self.replicas = [copy.deepcopy(module) for _ in range(world_size)]
         self.optimizers = [make_optimizer(r.parameters()) for r in self.replicas]
-        cap = int(bucket_cap_mb * 2**20)
+        cap = o.bucket_cap_bytes
         self._buckets: list[list[Bucket]] = [
             make_buckets(self._mixed(r), cap) for r in self.replicas
         ]
@@ -313,11 +311,3 @@ def _check_pairing(rank: int, ex: Exchange, plans: list[Exchange], step: int) ->
             f"schedule inconsistency at step {step}: rank {rank} sends to {ex.send_to} and "
             f"receives from {ex.recv_from}, but those ranks do not match it"
         )
-
-
-def _validate(algo: str, mode: str, bucket_cap_mb: float) -> None:
-    for option, value, allowed in (("algo", algo, ALGOS), ("mode", mode, MODES)):
-        if value not in allowed:
-            raise ValueError(f"{option} must be one of {allowed}, got {value!r}")
-    if not bucket_cap_mb > 0:
-        raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb!r}")

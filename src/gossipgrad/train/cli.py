@@ -33,11 +33,12 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from gossipgrad import __version__, report
-from gossipgrad.config import TrainConfig, load_config
-from gossipgrad.data import load_dataset
-from gossipgrad.models import build_model, default_model
-from gossipgrad.train import default_out, worker
+from gossipgrad import __version__
+from gossipgrad.train import report
+from gossipgrad.train.config import TrainConfig, load_config
+from gossipgrad.train.data import load_dataset
+from gossipgrad.train.models import build_model, default_model
+from gossipgrad.train.worker import default_out, worker
 
 _USAGE = """usage: gossipgrad <command> [options]
 

@@ -1,6 +1,7 @@
 """The training job: one process per rank, launched by ``gossipgrad train`` or by torchrun.
 
     gossipgrad train --algo both                       # 4 local workers, gossip then all-reduce
+    python -m gossipgrad.train --algo gossip           # one worker (a world of one)
     torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
         -m gossipgrad.train --algo gossip --out runs/big --resume auto
 
@@ -39,17 +40,15 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from gossipgrad import checkpoint, report, run_state
-from gossipgrad.allreduce import wrap
-from gossipgrad.config import TrainConfig, load_config
-from gossipgrad.data import load_dataset
-from gossipgrad.evaluation import average_into, evaluate
-from gossipgrad.metrics import MetricsLog
-from gossipgrad.models import build_model, default_model, task_loss
-from gossipgrad.run_state import Progress, Window
+from gossipgrad import checkpoint, wrap
 from gossipgrad.sampler import GossipShuffleSampler
-
-WIRE_DTYPES = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from gossipgrad.train import report, run_state
+from gossipgrad.train.config import TrainConfig, load_config
+from gossipgrad.train.data import load_dataset
+from gossipgrad.train.evaluation import evaluate
+from gossipgrad.train.metrics import MetricsLog
+from gossipgrad.train.models import build_model, default_model, task_loss
+from gossipgrad.train.run_state import Progress, Window
 
 MODEL_FILE = "model.pt"
 SUMMARY_FILE = "summary.json"
@@ -154,19 +153,7 @@ def train(cfg: TrainConfig, algo: str) -> dict[str, Any]:
     model_name = default_model(info) if cfg.model == "auto" else cfg.model
     module = build_model(model_name, info).to(device)
     scratch = _scratch_module(cfg, algo, module)  # before wrap() adds hooks to the module
-    model = wrap(
-        module,
-        algo,
-        bucket_cap_mb=cfg.bucket_mb,
-        sync=cfg.sync,
-        mode=cfg.mode,
-        schedule=cfg.schedule,
-        seed=cfg.seed,
-        timeout=timedelta(seconds=cfg.timeout_s),
-        on_nonfinite=cfg.on_nonfinite,
-        wire_dtype=WIRE_DTYPES[cfg.wire_dtype],
-        streams=cfg.streams,
-    )
+    model = wrap(module, algo, cfg.gossip_options())
     optimizer = _optimizer(cfg, module)
     sampler = _sampler(cfg, algo, train_set)
     loader = DataLoader(
@@ -353,7 +340,9 @@ def _evaluate_average(
     (collective). ``time`` is the training time so far; ``eval_s`` what this took."""
     model.flush()  # the exchange in flight is training time; the next forward would wait for it
     start = time.perf_counter()
-    target = model.module if scratch is None else average_into(scratch, model.module)
+    if scratch is not None:
+        model.average_replicas(into=scratch)
+    target = model.module if scratch is None else scratch
     test_loss, test_acc = evaluate(target, test_set, batch_size=max(256, cfg.batch_size))
     return {
         "step": progress.step,
@@ -486,7 +475,3 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-if __name__ == "__main__":
-    main()

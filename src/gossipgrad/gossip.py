@@ -44,11 +44,10 @@ import torch.distributed as dist
 from torch import nn
 
 from gossipgrad import _p2p
-from gossipgrad.consensus import average_, broadcast_, consensus_distance
+from gossipgrad.collectives import average_, broadcast_, consensus_distance, gather_object
 from gossipgrad.errors import NonFiniteError, PeerError
 from gossipgrad.mixing import (
     Bucket,
-    check_bucket_cap,
     is_finite,
     make_buckets,
     mix_,
@@ -56,11 +55,8 @@ from gossipgrad.mixing import (
     pack_,
     replica_tensors,
 )
-from gossipgrad.schedule import SCHEDULES, Exchange, plan
-
-MODES = ("params", "gradients")
-WIRE_DTYPES = (None, torch.bfloat16, torch.float16)
-ON_NONFINITE = ("raise", "skip")
+from gossipgrad.options import GossipOptions
+from gossipgrad.schedule import Exchange, plan
 
 
 class GossipDataParallel(nn.Module):
@@ -68,42 +64,24 @@ class GossipDataParallel(nn.Module):
 
     Args:
         module: the model, on the device its rank trains on (CUDA for NCCL, CPU for gloo).
-        sync: wait for each exchange before computing, instead of overlapping it.
-        mode: ``"params"`` (default) or ``"gradients"``.
-        schedule: partner schedule, one of ``gossipgrad.schedule.SCHEDULES``.
-        seed: seeds the schedule's rotation; must be equal on every rank.
-        bucket_cap_mb: largest flat buffer sent as one message, in MiB.
-        process_group: the group to gossip in (default: the world).
-        timeout: how long to wait for a partner before raising ``PeerError``.
-        on_nonfinite: ``"raise"`` a ``NonFiniteError`` on NaN/inf in local or received
-            parameters, or ``"skip"`` mixing that bucket with a warning.
-        wire_dtype: send floating-point payloads in this dtype (``torch.bfloat16`` or
-            ``torch.float16``: half the bytes); mixing still accumulates in the parameters' dtype
-            and keeps the replicas' average.
-        streams: how many connections per partner to spread the buckets over (gloo: one TCP
-            stream each; NCCL ignores it). More than one helps fill fast links. The extra
-            groups come from ``torch.distributed.new_group``, which every rank of the world
-            must call: with a ``process_group`` smaller than the world and ``streams > 1``, the
-            ranks outside it must call ``new_group(ranks)`` ``streams - 1`` times too.
+        options: the engine's options (``gossipgrad.options.GossipOptions``); default: the
+            defaults. Keywords (``sync=True``, ...) override single options.
+        process_group: the group to gossip in (default: the world). With ``streams > 1`` the
+            extra groups come from ``torch.distributed.new_group``, which every rank of the world
+            must call: with a group smaller than the world, the ranks outside it must call
+            ``new_group(ranks)`` ``streams - 1`` times too.
     """
 
     def __init__(
         self,
         module: nn.Module,
+        options: GossipOptions | None = None,
         *,
-        sync: bool = False,
-        mode: str = "params",
-        schedule: str = "dissemination",
-        seed: int = 0,
-        bucket_cap_mb: float = 25.0,
         process_group: dist.ProcessGroup | None = None,
-        timeout: timedelta = timedelta(minutes=5),
-        on_nonfinite: str = "raise",
-        wire_dtype: torch.dtype | None = None,
-        streams: int = 1,
+        **overrides: Any,
     ) -> None:
         super().__init__()
-        _validate(mode, schedule, bucket_cap_mb, timeout, on_nonfinite, wire_dtype, streams)
+        self.options = GossipOptions.build(options, **overrides)
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "GossipDataParallel needs torch.distributed initialised: call "
@@ -111,12 +89,6 @@ class GossipDataParallel(nn.Module):
                 "or launch with torchrun or `gossipgrad train`"
             )
         self.module = module
-        self.sync = sync
-        self.mode = mode
-        self.schedule = schedule
-        self.seed = seed
-        self.timeout = timeout
-        self.on_nonfinite = on_nonfinite
         self.group = process_group if process_group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
@@ -129,16 +101,17 @@ class GossipDataParallel(nn.Module):
 
         _check_device(module, self.group)
         _check_same_model(module, self.group)
-        cap = int(bucket_cap_mb * 2**20)
+        o = self.options
+        cap = o.bucket_cap_bytes
         everything = list(module.parameters()) + list(module.buffers())
         broadcast_(everything, make_buckets(everything, cap), self.group)
-        self._buckets: list[Bucket] = make_buckets(self._mixed_tensors(), cap, wire_dtype)
-        self._streams = _extra_groups(self.group, streams)
+        self._buckets: list[Bucket] = make_buckets(self._mixed_tensors(), cap, o.wire_dtype)
+        self._streams = _extra_groups(self.group, o.streams)
         # full-precision scratch for the collectives (the gossip buffers may be compressed)
-        same = mode == "params" and wire_dtype is None
+        same = o.mode == "params" and o.wire_dtype is None
         floats = replica_tensors(module)
         self._avg_buckets = self._buckets if same else make_buckets(floats, cap)
-        if mode == "gradients" and self.world_size > 1:
+        if o.mode == "gradients" and self.world_size > 1:
             for p in module.parameters():
                 if p.requires_grad:
                     p.register_post_accumulate_grad_hook(self._on_grad_ready)
@@ -155,7 +128,7 @@ class GossipDataParallel(nn.Module):
         mix the previous exchange in and start this step's; in ``gradients`` mode, arm the
         exchange of the coming backward. For wrappers that compose the engine with other
         parallelism (``gossipgrad.hierarchical``); a plain training loop never calls it."""
-        if self.mode == "params":
+        if self.options.mode == "params":
             self._gossip_params()
         else:
             self._grad_due = True
@@ -172,14 +145,14 @@ class GossipDataParallel(nn.Module):
     def _gossip_params(self) -> None:
         self.flush()
         tensors = self._mixed_tensors()
-        ex = plan(self.rank, self.step, self.world_size, self.seed, self.schedule)
+        ex = self._plan(self.step)
         inflights = []
         for index, b in enumerate(self._buckets):  # bucket 0 is on the wire while 1 is packed
             pack_(b.send, [tensors[i] for i in b.indices])
             inflights.append(self._start([b], ex, index))
         self.bytes_sent_last_step = self._payload_bytes(ex)
         self._pending = (inflights, ex)
-        if self.sync:
+        if self.options.sync:
             self.flush()
 
     def _start(self, buckets: list[Bucket], ex: Exchange, index: int = 0) -> _p2p.InFlight:
@@ -222,7 +195,7 @@ class GossipDataParallel(nn.Module):
 
     def _wait(self, inflight: _p2p.InFlight) -> None:
         try:
-            inflight.wait(self.timeout, self.rank)
+            inflight.wait(self.options.timeout, self.rank)
         except PeerError as exc:
             raise PeerError(_first_loss(exc, self.rank, inflight.step), exc.peer) from exc
 
@@ -236,7 +209,7 @@ class GossipDataParallel(nn.Module):
     def _exchange_grads(self) -> None:
         params = list(self.module.parameters())
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        ex = plan(self.rank, self.step - 1, self.world_size, self.seed, self.schedule)
+        ex = self._plan(self.step - 1)
         for b in self._buckets:
             pack_(b.send, [grads[i] for i in b.indices])
         self._wait(self._start(self._buckets, ex))
@@ -258,10 +231,12 @@ class GossipDataParallel(nn.Module):
         self.flush()
         return consensus_distance(replica_tensors(self.module), self._avg_buckets, self.group)
 
-    def average_replicas(self) -> None:
-        """Set every replica to the exact average of all replicas (collective, one all-reduce)."""
+    def average_replicas(self, into: nn.Module | None = None) -> None:
+        """Set every replica to the exact average of all replicas (collective, one all-reduce);
+        with ``into`` (a module like this one), write the average there and leave the replicas."""
         self.flush()
-        average_(replica_tensors(self.module), self._avg_buckets, self.group)
+        target = None if into is None else replica_tensors(into)
+        average_(replica_tensors(self.module), self._avg_buckets, self.group, into=target)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -274,22 +249,19 @@ class GossipDataParallel(nn.Module):
 
     def gossip_state(self) -> dict[str, Any]:
         """What a checkpoint needs to resume the schedule exactly (call after ``flush``)."""
-        return {"step": self.step, "schedule": self.schedule, "seed": self.seed}
+        return schedule_state(self.step, self.options)
 
     def load_gossip_state(self, state: dict[str, Any]) -> None:
-        for key in ("schedule", "seed"):
-            if state.get(key, getattr(self, key)) != getattr(self, key):
-                raise ValueError(
-                    f"checkpoint was made with {key}={state[key]!r} but this run uses "
-                    f"{key}={getattr(self, key)!r}: resume with the same {key}"
-                )
-        self.step = int(state["step"])
+        self.step = load_schedule_state(state, self.options)
 
     # --- helpers ------------------------------------------------------------------------------
 
+    def _plan(self, step: int) -> Exchange:
+        return plan(self.rank, step, self.world_size, self.options.seed, self.options.schedule)
+
     def _mixed_tensors(self) -> list[torch.Tensor]:
         """What gossip mixes: parameters and float buffers, or only parameters (gradients)."""
-        if self.mode == "gradients":
+        if self.options.mode == "gradients":
             return list(self.module.parameters())
         return replica_tensors(self.module)
 
@@ -309,35 +281,26 @@ class GossipDataParallel(nn.Module):
             f"rank {self.rank} found NaN or inf in {where} at gossip step {step}: training has "
             "diverged (lower the learning rate, add gradient clipping, or check the data)"
         )
-        if self.on_nonfinite == "raise":
+        if self.options.on_nonfinite == "raise":
             raise NonFiniteError(message + "; on_nonfinite='skip' would skip such exchanges")
         warnings.warn(message + "; skipping this exchange", RuntimeWarning, stacklevel=4)
 
 
-def _validate(
-    mode: str,
-    schedule: str,
-    bucket_cap_mb: float,
-    timeout: timedelta,
-    on_nonfinite: str,
-    wire_dtype: torch.dtype | None,
-    streams: int,
-) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    check_bucket_cap(bucket_cap_mb)
-    if not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0:
-        raise ValueError(f"timeout must be a positive datetime.timedelta, got {timeout!r}")
-    if on_nonfinite not in ON_NONFINITE:
-        raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
-    if wire_dtype not in WIRE_DTYPES:
-        raise ValueError(
-            f"wire_dtype must be None, torch.bfloat16 or torch.float16, got {wire_dtype!r}"
-        )
-    if not isinstance(streams, int) or not 1 <= streams <= 16:
-        raise ValueError(f"streams must be an integer in [1, 16], got {streams!r}")
+def schedule_state(step: int, options: GossipOptions) -> dict[str, Any]:
+    """The gossip step and what the schedule depends on, for a checkpoint."""
+    return {"step": step, "schedule": options.schedule, "seed": options.seed}
+
+
+def load_schedule_state(state: dict[str, Any], options: GossipOptions) -> int:
+    """The step to resume at, after checking that ``state`` follows the same schedule."""
+    for key in ("schedule", "seed"):
+        mine = getattr(options, key)
+        if state.get(key, mine) != mine:
+            raise ValueError(
+                f"checkpoint was made with {key}={state[key]!r} but this run uses "
+                f"{key}={mine!r}: resume with the same {key}"
+            )
+    return int(state["step"])
 
 
 def _extra_groups(group: dist.ProcessGroup, streams: int) -> list[dist.ProcessGroup] | None:
@@ -384,8 +347,7 @@ def _check_same_model(module: nn.Module, group: dist.ProcessGroup) -> None:
         return
     mine = [(n, tuple(t.shape), str(t.dtype)) for n, t in module.named_parameters()]
     mine += [(n, tuple(t.shape), str(t.dtype)) for n, t in module.named_buffers()]
-    everyone: list[Any] = [None] * world
-    dist.all_gather_object(everyone, mine, group=group)
+    everyone = gather_object(mine, group, world)
     ref = everyone[0]
     for r, theirs in enumerate(everyone):
         if theirs == ref:

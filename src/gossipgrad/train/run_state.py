@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from gossipgrad import checkpoint
-from gossipgrad.config import TrainConfig
+from gossipgrad.train.config import TrainConfig
 
 
 @dataclass

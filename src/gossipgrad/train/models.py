@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gossipgrad.data import DatasetInfo, check_options, import_callable
+from gossipgrad.train.data import DatasetInfo
+from gossipgrad.train.plugins import check_options, import_callable
 
 MODELS: tuple[str, ...] = (
     "mlp",

@@ -1,0 +1,129 @@
+"""The gossip engine's options, defined and validated in one place.
+
+    options = GossipOptions(sync=True, wire_dtype=torch.bfloat16)  # ValueError on a bad value
+    model = GossipDataParallel(module, options)     # or by keyword: (module, sync=True)
+
+``GossipDataParallel`` and ``HierarchicalDataParallel`` take a ``GossipOptions``, ``wrap`` forwards
+one, ``gossipgrad train`` maps its flags onto one (``TrainConfig.gossip_options``) and the virtual
+cluster reads the same fields. A new engine option is a field here (with its check in
+``_validate``), its test, and its row in the README.
+
+Every choice set and default of the engine lives here too, spelt once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from gossipgrad.schedule import SCHEDULES
+
+MODES: tuple[str, ...] = ("params", "gradients")
+ON_NONFINITE: tuple[str, ...] = ("raise", "skip")
+# The payload dtypes on the wire, by the name the command line uses.
+WIRE_DTYPES: dict[str, torch.dtype | None] = {
+    "none": None,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+MAX_STREAMS = 16
+
+
+class UnknownOptionError(TypeError, ValueError):
+    """A keyword that is not an option: a ``TypeError`` as Python gives for any unknown keyword,
+    and a ``ValueError`` like every other bad option."""
+
+
+@dataclass(frozen=True)
+class GossipOptions:
+    """How the gossip engine exchanges and mixes (see the README's options table).
+
+    Attributes:
+        sync: wait for each exchange before computing, instead of overlapping it.
+        mode: ``"params"`` (mix parameters with the partner) or ``"gradients"`` (average only
+            the gradients; for comparison, replicas drift apart).
+        schedule: partner schedule, one of ``gossipgrad.schedule.SCHEDULES``.
+        seed: seeds the schedule's rotation; must be equal on every rank.
+        bucket_cap_mb: largest flat buffer sent as one message, in MiB.
+        timeout: how long to wait for a partner (or a collective) before raising ``PeerError``.
+        on_nonfinite: ``"raise"`` a ``NonFiniteError`` on NaN/inf in local or received
+            parameters, or ``"skip"`` mixing that bucket with a warning.
+        wire_dtype: send floating-point payloads in this dtype (``torch.bfloat16`` or
+            ``torch.float16``: half the bytes); mixing still keeps the replicas' average.
+        streams: connections per partner to spread the buckets over (gloo: one TCP stream each;
+            NCCL ignores it).
+    """
+
+    sync: bool = False
+    mode: str = "params"
+    schedule: str = "dissemination"
+    seed: int = 0
+    bucket_cap_mb: float = 25.0
+    timeout: timedelta = timedelta(minutes=5)
+    on_nonfinite: str = "raise"
+    wire_dtype: torch.dtype | None = None
+    streams: int = 1
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def bucket_cap_bytes(self) -> int:
+        return int(self.bucket_cap_mb * 2**20)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def build(cls, options: GossipOptions | None = None, **overrides: Any) -> GossipOptions:
+        """``options`` (default: the defaults) with ``overrides`` applied; a keyword that is not
+        an option raises ``UnknownOptionError`` naming the options there are."""
+        unknown = sorted(set(overrides) - set(cls.names()))
+        if unknown:
+            raise UnknownOptionError(
+                f"unknown options {unknown}: the gossip options are {list(cls.names())}"
+            )
+        if options is not None and not isinstance(options, GossipOptions):
+            raise TypeError(f"options must be a GossipOptions, got {type(options).__name__}")
+        return replace(options or cls(), **overrides)
+
+
+def check_bucket_cap(bucket_cap_mb: object) -> None:
+    """Raise ``ValueError`` unless ``bucket_cap_mb`` is a finite number > 0 (MiB)."""
+    ok = isinstance(bucket_cap_mb, (int, float)) and not isinstance(bucket_cap_mb, bool)
+    if not ok or not math.isfinite(bucket_cap_mb) or bucket_cap_mb <= 0:  # type: ignore[arg-type]
+        raise ValueError(f"bucket_cap_mb must be a finite number > 0 (MiB), got {bucket_cap_mb!r}")
+
+
+def check_timeout(timeout: object) -> None:
+    """Raise ``ValueError`` unless ``timeout`` is a positive ``datetime.timedelta``."""
+    if not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0:
+        raise ValueError(f"timeout must be a positive datetime.timedelta, got {timeout!r}")
+
+
+def _validate(o: GossipOptions) -> None:
+    if not isinstance(o.sync, bool):
+        raise ValueError(f"sync must be True or False, got {o.sync!r}")
+    if o.mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {o.mode!r}")
+    if o.schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {o.schedule!r}")
+    if isinstance(o.seed, bool) or not isinstance(o.seed, int) or not 0 <= o.seed < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {o.seed!r}")
+    check_bucket_cap(o.bucket_cap_mb)
+    check_timeout(o.timeout)
+    if o.on_nonfinite not in ON_NONFINITE:
+        raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {o.on_nonfinite!r}")
+    if not any(o.wire_dtype is d for d in WIRE_DTYPES.values()):
+        raise ValueError(
+            f"wire_dtype must be None, torch.bfloat16 or torch.float16, got {o.wire_dtype!r}"
+        )
+    if isinstance(o.streams, bool) or not isinstance(o.streams, int):
+        raise ValueError(f"streams must be an integer in [1, {MAX_STREAMS}], got {o.streams!r}")
+    if not 1 <= o.streams <= MAX_STREAMS:
+        raise ValueError(f"streams must be an integer in [1, {MAX_STREAMS}], got {o.streams!r}")
