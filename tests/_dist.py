@@ -32,6 +32,9 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, folder: str, args
     dist.init_process_group(
         "gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=60)
     )
+    # every rank connected before any may leave: a rank that raises at once and destroys its
+    # group while others still build theirs would make them hang in gloo's connectFullMesh
+    dist.barrier()
     try:
         out: Any = ("ok", fn(rank, world_size, *args))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent

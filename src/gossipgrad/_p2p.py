@@ -30,8 +30,13 @@ class InFlight:
 
     works: list[tuple[dist.Work, str, int]]  # (work, "send to" | "receive from", group rank)
     step: int
+    done: bool = False
 
     def wait(self, timeout: timedelta, rank: int) -> None:
+        """Complete every work (once: a gloo receive waited twice blocks until the timeout)."""
+        if self.done:
+            return
+        self.done = True
         for work, what, peer in self.works:
             try:
                 ok = work.wait(timeout)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -13,9 +14,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from gossipgrad import _setup
 from gossipgrad.collectives import average_, consensus_distance
-from gossipgrad.mixing import make_buckets, replica_tensors
-from gossipgrad.options import check_bucket_cap
+from gossipgrad.mixing import constant_buffers, make_buckets, replica_tensors
+from gossipgrad.options import GossipOptions, check_bucket_cap
 
 
 class AllReduceDataParallel(DistributedDataParallel):
@@ -27,22 +29,23 @@ class AllReduceDataParallel(DistributedDataParallel):
         module: nn.Module,
         *,
         process_group: dist.ProcessGroup | None = None,
-        bucket_cap_mb: float = 25.0,
+        bucket_cap_mb: float = GossipOptions.bucket_cap_mb,
+        timeout: timedelta | None = GossipOptions.timeout,
         **ddp_options: Any,
     ) -> None:
         check_bucket_cap(bucket_cap_mb)
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError(
-                "AllReduceDataParallel needs torch.distributed initialised: call "
-                "torch.distributed.init_process_group first, or launch with torchrun"
-            )
+        _setup.check_initialised("AllReduceDataParallel")
         super().__init__(
             module, process_group=process_group, bucket_cap_mb=bucket_cap_mb, **ddp_options
         )
         self.group = process_group if process_group is not None else dist.group.WORLD
         self.world_size = dist.get_world_size(self.group)
         self.step = 0
-        self._buckets = make_buckets(replica_tensors(module), int(bucket_cap_mb * 2**20))
+        self.timeout = timeout  # of consensus_distance and average_replicas (gloo)
+        self._constants = constant_buffers(module)
+        self._buckets = make_buckets(
+            self._replicas(), int(bucket_cap_mb * 2**20), at_least=torch.float32
+        )
         model_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
         # What a ring all-reduce sends per rank: 2 (p - 1) / p model copies.
         self.bytes_sent_last_step = 0
@@ -58,11 +61,14 @@ class AllReduceDataParallel(DistributedDataParallel):
         """Nothing is ever in flight between steps with all-reduce."""
 
     def consensus_distance(self) -> float:
-        return consensus_distance(replica_tensors(self.module), self._buckets, self.group)
+        return consensus_distance(self._replicas(), self._buckets, self.group, self.timeout)
 
     def average_replicas(self, into: nn.Module | None = None) -> None:
-        target = None if into is None else replica_tensors(into)
-        average_(replica_tensors(self.module), self._buckets, self.group, into=target)
+        target = None if into is None else replica_tensors(into, self._constants)
+        average_(self._replicas(), self._buckets, self.group, target, self.timeout)
+
+    def _replicas(self) -> list[torch.Tensor]:
+        return replica_tensors(self.module, self._constants)
 
     def gossip_state(self) -> dict[str, Any]:
         return {"step": self.step}

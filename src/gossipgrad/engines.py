@@ -13,6 +13,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
+from gossipgrad._setup import DDP_KEYWORDS
 from gossipgrad.allreduce import AllReduceDataParallel
 from gossipgrad.contract import DataParallel
 from gossipgrad.gossip import GossipDataParallel
@@ -33,17 +34,24 @@ def wrap(
 ) -> DataParallel:
     """Wrap ``module`` for ``algo``: ``"gossip"``, ``"allreduce"`` or ``"hierarchical"``
     (all-reduce inside a node, gossip between nodes; ``ranks_per_node`` defaults to torchrun's
-    layout). ``options`` and the keyword ``overrides`` are ``GossipOptions``; all-reduce uses only
-    their ``bucket_cap_mb``."""
+    layout). ``options`` and the keyword ``overrides`` are ``GossipOptions`` fields and DDP's own
+    keywords (``find_unused_parameters``, ...): all-reduce passes DDP's keywords to DDP and uses
+    only ``bucket_cap_mb`` and ``timeout`` of the gossip options; the gossip wrappers take both
+    (see ``GossipDataParallel``)."""
     if algo not in ALGOS:
         raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")
+    ddp = {k: overrides.pop(k) for k in list(overrides) if k in DDP_KEYWORDS}
     opts = GossipOptions.build(options, **overrides)
     if algo == "gossip":
-        return GossipDataParallel(module, opts, process_group=process_group)
+        return GossipDataParallel(module, opts, process_group=process_group, **ddp)
     if algo == "hierarchical":
         if process_group is not None:
             raise ValueError("algo='hierarchical' builds its own groups: leave process_group out")
-        return HierarchicalDataParallel(module, opts, ranks_per_node=ranks_per_node)
+        return HierarchicalDataParallel(module, opts, ranks_per_node=ranks_per_node, **ddp)
     return AllReduceDataParallel(
-        module, process_group=process_group, bucket_cap_mb=opts.bucket_cap_mb
+        module,
+        process_group=process_group,
+        bucket_cap_mb=opts.bucket_cap_mb,
+        timeout=opts.timeout,
+        **ddp,
     )

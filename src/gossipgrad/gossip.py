@@ -5,30 +5,38 @@ Used exactly like ``DistributedDataParallel``::
     model = GossipDataParallel(module)          # parameters broadcast from rank 0
     for x, y in loader:
         loss = loss_fn(model(x), y)
-        loss.backward()
+        loss.backward()                          # the received replica is mixed in here
         optimizer.step(); optimizer.zero_grad()
     model.average_replicas()                     # one all-reduce: every rank holds the mean
 
-Each training forward is one gossip step ``t``. In the default ``params`` mode, the forward first
-snapshots the parameters (the result of the previous optimizer step) into flat buffers and starts
-sending them to ``send_to`` while receiving ``recv_from``'s snapshot (``gossipgrad.schedule``).
+**One gossip step is one backward outside** ``no_sync()`` (like one all-reduce in DDP), whose
+forward ran in training mode with gradients enabled. In the default ``params`` mode:
 
-- overlapped (default): the exchange runs while this step's forward, backward and optimizer step
-  compute; the next forward waits for it and mixes in residual form, ``x <- x + w (r - s)``
-  (staleness 1, see ``gossipgrad.mixing``).
-- ``sync=True``: the forward waits for the exchange and mixes ``x <- (1 - w) x + w r`` before
-  computing.
-- ``mode="gradients"`` (for comparison only: replicas drift apart): after backward, gradients are
-  averaged with the partner's, ``g <- (1 - w) g + w g_r``, before the optimizer step.
+1. the first such forward snapshots the parameters (the result of the last optimizer step) into
+   flat buffers and starts sending them to ``send_to`` while receiving ``recv_from``'s snapshot
+   (``gossipgrad.schedule``); it changes nothing, so any number of forwards may follow;
+2. the exchange travels while forward and backward compute (gloo's own threads move the bytes);
+3. at the end of backward (an autograd callback, where DDP finishes its all-reduce) the engine
+   waits for it and mixes in residual form ``x <- x + w (r - s)`` (``gossipgrad.mixing``), which
+   also keeps what the forward changed meanwhile (BatchNorm statistics); the optimizer step then
+   applies the gradient computed at ``s``: ``x' = W x - lr g(x)``, staleness 0.
+
+``sync=True`` waits for the exchange in the forward instead of overlapping it (same arithmetic).
+``mode="gradients"`` (for comparison only: replicas drift apart) averages the gradients with the
+partner's at the end of backward instead, ``g <- (1 - w) g + w g_r``.
+
+Parameters change only at the end of a backward and in the optimizer, as with DDP: several
+forwards before one backward, autocast regions spanning forwards, and ``load_state_dict`` between
+steps are all safe (a load first completes an exchange in flight). Uneven inputs: run the loop
+inside ``with model.join():`` (torch's ``Join``), and a rank out of data keeps answering its
+partners until every rank is done.
 
 Per step a rank sends one message stream to one rank and receives one from one rank (several
-buckets, same partner), with no collective. Forwards under ``torch.no_grad()``, in ``eval()``
-mode, or inside ``no_sync()`` do not gossip.
-
-Buffers: floating-point buffers (BatchNorm running statistics) are mixed with the parameters in
-``params`` mode and averaged by ``average_replicas``; integer buffers (``num_batches_tracked``)
-stay local. All buffers are broadcast from rank 0 when wrapping. In ``gradients`` mode buffers stay
-local until ``average_replicas``.
+buckets, same partner), with no collective. Tensors: floating-point (and complex, as their real
+view) parameters and buffers are mixed; integer ones stay local; float buffers that are non-finite
+when wrapping (a causal mask of ``-inf``) are constants, left out of mixing and averaging. All
+tensors are broadcast from rank 0 when wrapping. In ``gradients`` mode buffers stay local until
+``average_replicas``.
 """
 
 from __future__ import annotations
@@ -42,12 +50,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 
-from gossipgrad import _p2p
-from gossipgrad.collectives import average_, broadcast_, consensus_distance, gather_object
+from gossipgrad import _p2p, _setup
+from gossipgrad.collectives import average_, broadcast_, consensus_distance
 from gossipgrad.errors import NonFiniteError, PeerError
 from gossipgrad.mixing import (
     Bucket,
+    constant_buffers,
     is_finite,
     make_buckets,
     mix_,
@@ -59,7 +69,7 @@ from gossipgrad.options import GossipOptions
 from gossipgrad.schedule import Exchange, plan
 
 
-class GossipDataParallel(nn.Module):
+class GossipDataParallel(nn.Module, Joinable):
     """Wrap ``module`` for GossipGraD data-parallel training (see the module docstring).
 
     Args:
@@ -70,6 +80,11 @@ class GossipDataParallel(nn.Module):
             extra groups come from ``torch.distributed.new_group``, which every rank of the world
             must call: with a group smaller than the world, the ranks outside it must call
             ``new_group(ranks)`` ``streams - 1`` times too.
+        **keywords: ``GossipOptions`` fields, and DDP's constructor keywords, so that a DDP
+            script switches by changing the class name: ``broadcast_buffers=False`` keeps float
+            buffers local (not mixed), ``init_sync=False`` skips the broadcast from rank 0,
+            ``device_ids``/``output_device`` must name the module's device, and the others
+            (``find_unused_parameters``, ``static_graph``, ...) have no effect.
     """
 
     def __init__(
@@ -78,16 +93,14 @@ class GossipDataParallel(nn.Module):
         options: GossipOptions | None = None,
         *,
         process_group: dist.ProcessGroup | None = None,
-        **overrides: Any,
+        **keywords: Any,
     ) -> None:
         super().__init__()
-        self.options = GossipOptions.build(options, **overrides)
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError(
-                "GossipDataParallel needs torch.distributed initialised: call "
-                "torch.distributed.init_process_group('gloo') (CPU) or ('nccl') (GPU) first, "
-                "or launch with torchrun or `gossipgrad train`"
-            )
+        Joinable.__init__(self)
+        ddp = {k: keywords.pop(k) for k in list(keywords) if k in _setup.DDP_KEYWORDS}
+        self.options = o = GossipOptions.build(options, **keywords)
+        _setup.check_initialised("GossipDataParallel")
+        ddp = _setup.ddp_keywords(module, ddp)
         self.module = module
         self.group = process_group if process_group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
@@ -98,40 +111,49 @@ class GossipDataParallel(nn.Module):
         # the exchange in flight: one InFlight per bucket, and the plan it follows
         self._pending: tuple[list[_p2p.InFlight], Exchange] | None = None
         self._grad_due = False  # gradients mode: this forward's backward must exchange
+        self._callback_queued = False  # the end-of-backward callback of this backward
 
-        _check_device(module, self.group)
-        _check_same_model(module, self.group)
-        o = self.options
+        _setup.check_device(module, self.group)
+        _setup.check_same_model(module, self.group, o.timeout)
+        self._constants = constant_buffers(module)
+        if not ddp.get("broadcast_buffers", True):  # float buffers stay local, as DDP's do
+            self._constants |= {n for n, _ in module.named_buffers()}
         cap = o.bucket_cap_bytes
-        everything = list(module.parameters()) + list(module.buffers())
-        broadcast_(everything, make_buckets(everything, cap), self.group)
+        if ddp.get("init_sync", True):
+            everything = [_real(t) for t in list(module.parameters()) + list(module.buffers())]
+            broadcast_(everything, make_buckets(everything, cap), self.group, o.timeout)
         self._buckets: list[Bucket] = make_buckets(self._mixed_tensors(), cap, o.wire_dtype)
-        self._streams = _extra_groups(self.group, o.streams)
-        # full-precision scratch for the collectives (the gossip buffers may be compressed)
-        same = o.mode == "params" and o.wire_dtype is None
-        floats = replica_tensors(module)
-        self._avg_buckets = self._buckets if same else make_buckets(floats, cap)
-        if o.mode == "gradients" and self.world_size > 1:
+        self._streams = _setup.extra_groups(self.group, o.streams)
+        # float32-or-wider scratch for the collectives (the gossip buffers may be compressed)
+        self._avg_buckets = make_buckets(self._replicas(), cap, at_least=torch.float32)
+        if self.world_size > 1:
             for p in module.parameters():
                 if p.requires_grad:
                     p.register_post_accumulate_grad_hook(self._on_grad_ready)
+        module.register_load_state_dict_pre_hook(self._before_load)
 
     # --- the training step -------------------------------------------------------------------
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self._should_gossip():
+        if self._should_gossip() and not self.step_open:
+            Join.notify_join_context(self)
             self.gossip_step()
         return self.module(*args, **kwargs)
 
+    @property
+    def step_open(self) -> bool:
+        """Whether a gossip step has begun (a training forward) and its backward not ended."""
+        return self._pending is not None or self._grad_due
+
     def gossip_step(self) -> None:
-        """One gossip step, as a training forward does before computing: in ``params`` mode,
-        mix the previous exchange in and start this step's; in ``gradients`` mode, arm the
-        exchange of the coming backward. For wrappers that compose the engine with other
-        parallelism (``gossipgrad.hierarchical``); a plain training loop never calls it."""
-        if self.options.mode == "params":
-            self._gossip_params()
-        else:
+        """What the first training forward of a step does before computing: in ``params``
+        mode, start this step's exchange; in ``gradients`` mode, arm the exchange of the coming
+        backward. For wrappers that compose the engine with other parallelism
+        (``gossipgrad.hierarchical``); a plain training loop never calls it."""
+        if self.options.mode == "gradients":
             self._grad_due = True
+        else:
+            self._start_params()
         self.step += 1
 
     def _should_gossip(self) -> bool:
@@ -142,8 +164,7 @@ class GossipDataParallel(nn.Module):
             and torch.is_grad_enabled()
         )
 
-    def _gossip_params(self) -> None:
-        self.flush()
+    def _start_params(self) -> None:
         tensors = self._mixed_tensors()
         ex = self._plan(self.step)
         inflights = []
@@ -153,7 +174,8 @@ class GossipDataParallel(nn.Module):
         self.bytes_sent_last_step = self._payload_bytes(ex)
         self._pending = (inflights, ex)
         if self.options.sync:
-            self.flush()
+            for inflight in inflights:
+                self._wait(inflight)
 
     def _start(self, buckets: list[Bucket], ex: Exchange, index: int = 0) -> _p2p.InFlight:
         return _p2p.start(
@@ -170,14 +192,26 @@ class GossipDataParallel(nn.Module):
     def _payload_bytes(self, ex: Exchange) -> int:
         return sum(b.nbytes for b in self._buckets) if ex.send_to is not None else 0
 
-    def flush(self) -> None:
-        """Complete the exchange in flight, if any, and mix it in now rather than at the next
-        forward (the result is the same). Call before evaluating or saving a replica.
+    def _on_grad_ready(self, _param: torch.Tensor) -> None:
+        if self.step_open and not self._callback_queued:
+            self._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
 
-        Buckets are mixed as they arrive, while later ones are still on the wire. Mixing is
-        always in residual form ``x <- x + w (r - s)``: right after the snapshot (``sync=True``)
-        ``x == s`` and it equals ``(1 - w) x + w r``; with a compressed wire dtype it still keeps
-        the average exactly."""
+    def _end_of_backward(self) -> None:
+        self._callback_queued = False
+        if self._grad_due:
+            self._grad_due = False
+            self._exchange_grads()
+        else:
+            self.flush()
+
+    def flush(self) -> None:
+        """Complete the exchange in flight, if any, and mix it in now rather than at the end of
+        the next backward. Call it between steps (not between a forward and its backward).
+
+        Buckets are mixed as they arrive, while later ones are still on the wire, in residual
+        form ``x <- x + w (r - s)``: when nothing moved since the snapshot, ``x == s`` and it
+        equals ``(1 - w) x + w r``; with a compressed wire dtype it still keeps the average."""
         if self._pending is None:
             return
         inflights, ex = self._pending
@@ -199,22 +233,24 @@ class GossipDataParallel(nn.Module):
         except PeerError as exc:
             raise PeerError(_first_loss(exc, self.rank, inflight.step), exc.peer) from exc
 
+    def _before_load(self, *_args: Any) -> None:
+        """A ``load_state_dict`` completes the exchange in flight first, so that what it loads
+        is not shifted afterwards by a residual of the replicas from before the load."""
+        self.flush()
+
     # --- gradients mode ----------------------------------------------------------------------
 
-    def _on_grad_ready(self, _param: torch.Tensor) -> None:
-        if self._grad_due:
-            self._grad_due = False
-            torch.autograd.Variable._execution_engine.queue_callback(self._exchange_grads)
-
-    def _exchange_grads(self) -> None:
-        params = list(self.module.parameters())
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    def _exchange_grads(self, zeros: bool = False) -> None:
+        """Average gradients with the partner of gossip step ``step - 1``; ``zeros``: a rank
+        that has joined sends zeros and keeps nothing (``Join``)."""
+        params = self._mixed_tensors()
+        grads = [_grad(p, zeros) for p in params]
         ex = self._plan(self.step - 1)
         for b in self._buckets:
             pack_(b.send, [grads[i] for i in b.indices])
         self._wait(self._start(self._buckets, ex))
         self.bytes_sent_last_step = self._payload_bytes(ex)
-        if ex.recv_from is None:
+        if ex.recv_from is None or zeros:
             return
         for b in self._buckets:
             if self._check_finite(b.recv, ex.recv_from, self.step - 1):
@@ -227,16 +263,24 @@ class GossipDataParallel(nn.Module):
 
     def consensus_distance(self) -> float:
         """``RMS_i ||x_i - mean|| / ||mean||`` over parameters and float buffers (collective:
-        every rank must call it at the same point)."""
+        every rank must call it at the same point); ``nan`` if a replica is not finite."""
         self.flush()
-        return consensus_distance(replica_tensors(self.module), self._avg_buckets, self.group)
+        return consensus_distance(
+            self._replicas(), self._avg_buckets, self.group, self.options.timeout
+        )
 
     def average_replicas(self, into: nn.Module | None = None) -> None:
         """Set every replica to the exact average of all replicas (collective, one all-reduce);
         with ``into`` (a module like this one), write the average there and leave the replicas."""
         self.flush()
-        target = None if into is None else replica_tensors(into)
-        average_(replica_tensors(self.module), self._avg_buckets, self.group, into=target)
+        target = None if into is None else replica_tensors(into, self._constants)
+        average_(
+            self._replicas(),
+            self._avg_buckets,
+            self.group,
+            into=target,
+            timeout=self.options.timeout,
+        )
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -254,16 +298,40 @@ class GossipDataParallel(nn.Module):
     def load_gossip_state(self, state: dict[str, Any]) -> None:
         self.step = load_schedule_state(state, self.options)
 
+    # --- uneven inputs (torch.distributed.algorithms.Join) ------------------------------------
+
+    def join(self, enable: bool = True, throw_on_early_termination: bool = False) -> Join:
+        """``with model.join(): <loop>`` lets ranks run different numbers of steps: a rank that
+        ran out of data keeps answering its partners' exchanges until every rank is done (as
+        with DDP's ``join``). Each step inside costs one small all-reduce, as with DDP."""
+        return Join([self], enable, throw_on_early_termination)
+
+    def join_hook(self, **kwargs: Any) -> JoinHook:
+        return _GossipJoinHook(self)
+
+    @property
+    def join_device(self) -> torch.device:
+        tensors = list(self.module.parameters())
+        return tensors[0].device if tensors else torch.device("cpu")
+
+    @property
+    def join_process_group(self) -> dist.ProcessGroup:
+        return self.group
+
     # --- helpers ------------------------------------------------------------------------------
 
     def _plan(self, step: int) -> Exchange:
         return plan(self.rank, step, self.world_size, self.options.seed, self.options.schedule)
 
+    def _replicas(self) -> list[torch.Tensor]:
+        """What consensus and averaging cover: parameters and float buffers, less constants."""
+        return replica_tensors(self.module, self._constants)
+
     def _mixed_tensors(self) -> list[torch.Tensor]:
-        """What gossip mixes: parameters and float buffers, or only parameters (gradients)."""
+        """What gossip mixes: the replica, or only the parameters (gradients mode)."""
         if self.options.mode == "gradients":
-            return list(self.module.parameters())
-        return replica_tensors(self.module)
+            return [p for p in self.module.parameters() if p.is_floating_point()]
+        return self._replicas()
 
     def _check_finite(self, flat: torch.Tensor, source: int, step: int) -> bool:
         """Whether ``flat``, received from ``source``, is finite (else raise or warn)."""
@@ -286,6 +354,27 @@ class GossipDataParallel(nn.Module):
         warnings.warn(message + "; skipping this exchange", RuntimeWarning, stacklevel=4)
 
 
+class _GossipJoinHook(JoinHook):
+    """What a rank that ran out of data does while others still train: each time they take a
+    gossip step, it takes the same step with its replica as it stands (no gradient)."""
+
+    def __init__(self, engine: GossipDataParallel) -> None:
+        self.engine = engine
+
+    def main_hook(self) -> None:
+        engine = self.engine
+        engine.flush()
+        if engine.options.mode == "gradients":
+            engine.step += 1
+            engine._exchange_grads(zeros=True)
+            return
+        engine.gossip_step()
+        engine.flush()
+
+    def post_hook(self, is_last_joiner: bool) -> None:
+        self.engine.flush()
+
+
 def schedule_state(step: int, options: GossipOptions) -> dict[str, Any]:
     """The gossip step and what the schedule depends on, for a checkpoint."""
     return {"step": step, "schedule": options.schedule, "seed": options.seed}
@@ -303,12 +392,14 @@ def load_schedule_state(state: dict[str, Any], options: GossipOptions) -> int:
     return int(state["step"])
 
 
-def _extra_groups(group: dist.ProcessGroup, streams: int) -> list[dist.ProcessGroup] | None:
-    """``streams`` groups over the same ranks (the first is ``group``); collective."""
-    if streams == 1 or dist.get_world_size(group) == 1:
-        return None
-    ranks = dist.get_process_group_ranks(group)
-    return [group] + [dist.new_group(ranks) for _ in range(streams - 1)]
+def _real(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _grad(p: torch.Tensor, zeros: bool) -> torch.Tensor:
+    if zeros or p.grad is None:
+        return torch.zeros_like(p)
+    return p.grad
 
 
 def _first_loss(exc: PeerError, rank: int, step: int) -> str:
@@ -324,40 +415,3 @@ def _first_loss(exc: PeerError, rank: int, step: int) -> str:
         return str(exc)
     lost, seen_by, at = first.split(":") if first.count(":") == 2 else (exc.peer, rank, step)
     return f"{exc} [first loss in this job: rank {lost}, seen by rank {seen_by} at step {at}]"
-
-
-def _check_device(module: nn.Module, group: dist.ProcessGroup) -> None:
-    devices = {t.device for t in list(module.parameters()) + list(module.buffers())}
-    if len(devices) > 1:
-        raise ValueError(
-            f"the module's tensors are on several devices ({sorted(map(str, devices))}); "
-            "move it to one device (model.to(device)) before wrapping"
-        )
-    if dist.get_backend(group) == "nccl" and any(d.type != "cuda" for d in devices):
-        raise ValueError(
-            "the process group uses NCCL but the module is not on a CUDA device: call "
-            "module.to(f'cuda:{local_rank}') before wrapping, or use the 'gloo' backend on CPU"
-        )
-
-
-def _check_same_model(module: nn.Module, group: dist.ProcessGroup) -> None:
-    """Every rank must hold the same architecture: same tensors, shapes and dtypes."""
-    world = dist.get_world_size(group)
-    if world == 1:
-        return
-    mine = [(n, tuple(t.shape), str(t.dtype)) for n, t in module.named_parameters()]
-    mine += [(n, tuple(t.shape), str(t.dtype)) for n, t in module.named_buffers()]
-    everyone = gather_object(mine, group, world)
-    ref = everyone[0]
-    for r, theirs in enumerate(everyone):
-        if theirs == ref:
-            continue
-        if len(theirs) != len(ref):
-            detail = f"rank 0 has {len(ref)} parameters and buffers, rank {r} has {len(theirs)}"
-        else:
-            a, b = next((a, b) for a, b in zip(ref, theirs, strict=True) if a != b)
-            detail = f"rank 0 has {a[0]} {a[1]} {a[2]}, rank {r} has {b[0]} {b[1]} {b[2]}"
-        raise ValueError(
-            f"the replicas differ across ranks ({detail}): every rank must build the same model "
-            "with the same dtype before wrapping"
-        )

@@ -15,10 +15,13 @@ worth of bytes leaves each node, whatever the number of ranks on it::
         optimizer.step(); optimizer.zero_grad()
     model.average_replicas()                     # one all-reduce: every rank holds the mean
 
-Each training forward is one step: the leader mixes in the exchange that ran during the previous
-step and starts this step's (``GossipDataParallel.gossip_step``), the node's ranks receive the
-mixed parameters and floating-point buffers from the leader, then DDP computes. With one node this
-is plain DDP; with one rank per node, plain gossip.
+One step is one backward outside ``no_sync()``, as for ``GossipDataParallel``: the step's first
+training forward makes the leader start its exchange (``GossipDataParallel.gossip_step``); DDP
+all-reduces the gradients inside the node during backward; at the end of backward the leader
+mixes the received replica in and the node's ranks receive the mixed parameters and floating-point
+buffers from it, before the optimizer step. With one node this is plain DDP; with one rank per
+node, plain gossip. DDP's keywords (``find_unused_parameters``, ...) go to the DDP inside the
+node.
 
 Node layout: ``ranks_per_node=k`` groups global ranks ``[0, k)``, ``[k, 2k)``, ... (to emulate
 nodes on one machine, or under a launcher other than torchrun); left out, it is read from
@@ -42,9 +45,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from gossipgrad import _setup
 from gossipgrad.collectives import average_, broadcast_, consensus_distance, gather_object
 from gossipgrad.gossip import GossipDataParallel, load_schedule_state, schedule_state
-from gossipgrad.mixing import make_buckets, replica_tensors
+from gossipgrad.mixing import constant_buffers, make_buckets, replica_tensors
 from gossipgrad.options import GossipOptions
 
 _ENV = ("GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")  # what torchrun tells about the node
@@ -83,16 +87,13 @@ class HierarchicalDataParallel(nn.Module):
         **overrides: Any,
     ) -> None:
         super().__init__()
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError(
-                "HierarchicalDataParallel needs torch.distributed initialised: call "
-                "torch.distributed.init_process_group first, or launch with torchrun"
-            )
+        _setup.check_initialised("HierarchicalDataParallel")
         if "process_group" in overrides:
             raise ValueError(
                 "HierarchicalDataParallel builds its own process groups (one per node, one of the "
                 "leaders): leave process_group out"
             )
+        ddp_options = {k: overrides.pop(k) for k in list(overrides) if k in _setup.DDP_KEYWORDS}
         self.options = o = GossipOptions.build(options, **overrides)
         if o.mode != "params":
             raise ValueError(
@@ -110,7 +111,8 @@ class HierarchicalDataParallel(nn.Module):
         self.leaders_group = dist.new_group(leaders)
         self.step = 0
         self._gossip_enabled = True
-        self._in_flight = False  # the leader has an exchange that is not mixed in yet
+        self._open = False  # a step began (training forward) and its backward has not ended
+        self._callback_queued = False
 
         node_size = len(self.nodes[self.node])
         gossip = None
@@ -126,41 +128,50 @@ class HierarchicalDataParallel(nn.Module):
         ddp = None
         if node_size > 1:
             ddp = DistributedDataParallel(
-                module, process_group=self.node_group, bucket_cap_mb=o.bucket_cap_mb
+                module, process_group=self.node_group, bucket_cap_mb=o.bucket_cap_mb, **ddp_options
             )
         self._engines = _Engines(ddp=ddp, gossip=gossip)
-        self._buckets = make_buckets(replica_tensors(module), o.bucket_cap_bytes)
+        self._constants = constant_buffers(module)
+        replicas = replica_tensors(module, self._constants)
+        self._buckets = make_buckets(replicas, o.bucket_cap_bytes, at_least=torch.float32)
+        if len(self.nodes) > 1:
+            for p in module.parameters():
+                if p.requires_grad:
+                    p.register_post_accumulate_grad_hook(self._on_grad_ready)
 
     # --- the training step -------------------------------------------------------------------
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.module.training and torch.is_grad_enabled() and self._gossip_enabled:
-            self._step()
+        training = self.module.training and torch.is_grad_enabled() and self._gossip_enabled
+        if training and not self._open:
+            self.step += 1
+            if len(self.nodes) > 1:
+                self._open = True
+                if self._engines.gossip is not None:
+                    self._engines.gossip.gossip_step()  # the leader starts this step's exchange
         compute = self._engines.ddp or self.module
         return compute(*args, **kwargs)
 
-    def _step(self) -> None:
-        self.step += 1
-        if len(self.nodes) == 1:
-            return
-        if self._engines.gossip is not None:
-            self._engines.gossip.gossip_step()  # mix the last exchange in, start this step's
-        mixed = self.options.sync or self._in_flight
-        self._in_flight = not self.options.sync
-        if mixed:
-            self._share()
+    def _on_grad_ready(self, _param: torch.Tensor) -> None:
+        if self._open and not self._callback_queued:
+            self._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+
+    def _end_of_backward(self) -> None:
+        self._callback_queued = False
+        self.flush()
 
     def _share(self) -> None:
         """Give the node's ranks the leader's parameters and floating-point buffers."""
         if len(self.nodes[self.node]) > 1:
-            broadcast_(replica_tensors(self.module), self._buckets, self.node_group)
+            broadcast_(self._replicas(), self._buckets, self.node_group, self.options.timeout)
 
     def flush(self) -> None:
         """Complete the leaders' exchange in flight, mix it in, and share the result within the
-        node (collective). Call before evaluating or saving a replica."""
-        if not self._in_flight:
+        node (collective; the end of each training backward does it). Call it between steps."""
+        if not self._open:
             return
-        self._in_flight = False
+        self._open = False
         if self._engines.gossip is not None:
             self._engines.gossip.flush()
         self._share()
@@ -178,14 +189,16 @@ class HierarchicalDataParallel(nn.Module):
         """``RMS_i ||x_i - mean|| / ||mean||`` over all ranks' parameters and float buffers
         (collective)."""
         self.flush()
-        return consensus_distance(replica_tensors(self.module), self._buckets, dist.group.WORLD)
+        return consensus_distance(
+            self._replicas(), self._buckets, dist.group.WORLD, self.options.timeout
+        )
 
     def average_replicas(self, into: nn.Module | None = None) -> None:
         """Set every rank's replica to the exact average over all ranks (collective); with
         ``into`` (a module like this one), write the average there and leave the replicas."""
         self.flush()
-        target = None if into is None else replica_tensors(into)
-        average_(replica_tensors(self.module), self._buckets, dist.group.WORLD, into=target)
+        target = None if into is None else replica_tensors(into, self._constants)
+        average_(self._replicas(), self._buckets, dist.group.WORLD, target, self.options.timeout)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -197,6 +210,9 @@ class HierarchicalDataParallel(nn.Module):
                 yield
         finally:
             self._gossip_enabled = previous
+
+    def _replicas(self) -> list[torch.Tensor]:
+        return replica_tensors(self.module, self._constants)
 
     def gossip_state(self) -> dict[str, Any]:
         """What a checkpoint needs to resume the schedule exactly (the same keys as
@@ -213,7 +229,7 @@ def _layout(ranks_per_node: int | None, world: int) -> list[list[int]]:
     """Each node's global ranks, in node order (collective over the world)."""
     torchrun = "GROUP_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", world)) == world
     mine = (ranks_per_node, tuple(int(os.environ[k]) for k in _ENV) if torchrun else None)
-    everyone = gather_object(mine, None, world)
+    everyone = gather_object(mine, None, world, what="wrapping the model (the node layout)")
     if any(e[0] != ranks_per_node for e in everyone):
         raise ValueError(
             f"ranks disagree on ranks_per_node ({[e[0] for e in everyone]}): pass the same value "

@@ -37,19 +37,49 @@ class Bucket:
         return self.send.numel() * self.send.element_size()
 
 
-def replica_tensors(module: nn.Module) -> list[torch.Tensor]:
-    """Parameters, then floating-point buffers (BatchNorm running statistics): what parameter
-    gossip mixes and what consensus and averaging cover. Read afresh at each use, so a module
+def replica_tensors(
+    module: nn.Module, constants: frozenset[str] = frozenset()
+) -> list[torch.Tensor]:
+    """Floating-point parameters, then floating-point buffers (BatchNorm running statistics)
+    except the ``constants`` (names, see ``constant_buffers``): what parameter gossip mixes and
+    what consensus and averaging cover. Integer parameters and buffers stay local; a complex
+    tensor appears as its real view (``torch.view_as_real``: same storage, last dimension 2), so
+    that mixing, NaN checks and averages see both parts. Read afresh at each use, so a module
     that reassigns a buffer is still covered."""
-    return list(module.parameters()) + [b for b in module.buffers() if b.is_floating_point()]
+    params = [_real(p) for p in module.parameters() if _is_float(p)]
+    buffers = [_real(b) for n, b in module.named_buffers() if _is_float(b) and n not in constants]
+    return params + buffers
+
+
+def constant_buffers(module: nn.Module) -> frozenset[str]:
+    """Names of the floating-point buffers that hold NaN or inf, such as a causal mask of
+    ``-inf``: constants, which every rank holds equal from wrapping on (``inf - inf`` is NaN, so
+    they cannot be mixed or averaged). Call it when wrapping, before training can diverge."""
+    return frozenset(
+        n for n, b in module.named_buffers() if _is_float(b) and not bool(_real(b).isfinite().all())
+    )
+
+
+def _is_float(t: torch.Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex()
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def make_buckets(
-    tensors: Sequence[torch.Tensor], cap_bytes: int, wire_dtype: torch.dtype | None = None
+    tensors: Sequence[torch.Tensor],
+    cap_bytes: int,
+    wire_dtype: torch.dtype | None = None,
+    *,
+    at_least: torch.dtype | None = None,
 ) -> list[Bucket]:
     """Group ``tensors`` (in order) into buckets of at most ``cap_bytes`` (a single larger tensor
     gets a bucket of its own), never mixing dtypes or devices within a bucket. With
-    ``wire_dtype``, the buffers of floating-point tensors hold that dtype (compressed payloads)."""
+    ``wire_dtype``, the buffers of floating-point tensors hold that dtype (compressed payloads);
+    with ``at_least`` (``torch.float32`` for collectives), narrower floating-point tensors get
+    buffers of that dtype, so that sums accumulate in it."""
     groups: list[list[int]] = []
     sizes: list[int] = []
     keys: list[tuple[torch.dtype, torch.device]] = []
@@ -72,6 +102,10 @@ def make_buckets(
         total = sum(numels)
         if wire_dtype is not None and dtype.is_floating_point:
             dtype = wire_dtype
+        elif (
+            at_least is not None and dtype.is_floating_point and dtype.itemsize < at_least.itemsize
+        ):
+            dtype = at_least
         buckets.append(
             Bucket(
                 indices=idx,
@@ -139,5 +173,7 @@ def mix_residual_(
 
 def is_finite(flat: torch.Tensor) -> bool:
     """True when ``flat`` has no NaN or inf (one reduction; accumulates in float32 at least)."""
+    if flat.is_complex():
+        flat = torch.view_as_real(flat)
     acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
     return bool(torch.isfinite(flat.sum(dtype=acc)))

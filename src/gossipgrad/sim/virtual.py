@@ -12,13 +12,11 @@ packed and mixed with ``gossipgrad.mixing`` (``make_buckets``, ``pack_``, ``mix_
 ``mix_residual_``), in the order ``GossipDataParallel`` uses; a message is a copy of the partner's
 send buffer into this replica's receive buffer. Step ``t``, with ``w`` the plan's weight:
 
-- ``algo="gossip", mode="params", sync=True``: before the forward, every replica snapshots its
-  parameters and float buffers (the result of step ``t-1``), receives its source's snapshot ``r``
-  and mixes ``x <- (1 - w) x + w r``; then forward, backward, optimizer step.
-- ``algo="gossip", mode="params"`` (overlapped, the engine's default): before the forward, the
-  exchange of step ``t-1`` is completed in residual form ``x <- x + w (r - s)`` (``s`` this
-  replica's snapshot of step ``t-1``, ``r`` its source's), then the snapshot of step ``t`` is
-  taken and "sent"; forward, backward and optimizer step run before it is mixed (staleness 1).
+- ``algo="gossip", mode="params"`` (``sync`` or overlapped: the same arithmetic, only the timing
+  differs in the engine): before the forward, every replica snapshots its parameters and float
+  buffers ``s`` (the result of step ``t-1``) and "sends" it; forward and backward run; then the
+  source's snapshot ``r`` is mixed in residual form ``x <- x + w (r - s)`` (which keeps what the
+  forward changed in the buffers), and the optimizer step follows: ``x' = W x - lr g(x)``.
 - ``algo="gossip", mode="gradients"``: after backward, ``g <- (1 - w) g + w g_r`` with the
   source's gradients, then the optimizer step. Buffers stay local.
 - ``algo="allreduce"``: gradients are averaged over all replicas before the optimizer step, and
@@ -106,7 +104,7 @@ class VirtualCluster:
                 "give one (input, target) pair per replica"
             )
         if self._gossips_params:
-            self._gossip_params()
+            self._start_params()
         elif self.algo == "allreduce":
             self._broadcast_buffers()
         losses = []
@@ -114,6 +112,7 @@ class VirtualCluster:
             loss = loss_fn(replica(x), y)
             loss.backward()
             losses.append(loss.item())
+        self.flush()  # the end of backward: mix what was received
         if self.algo == "allreduce":
             self._average_grads()
         elif self.mode == "gradients":
@@ -132,13 +131,14 @@ class VirtualCluster:
                 "gossip() mixes parameters, so it needs algo='gossip' and mode='params'; "
                 f"this cluster has algo={self.algo!r}, mode={self.mode!r}"
             )
-        self._gossip_params()
+        self._start_params()
+        self.flush()
         self.step += 1
 
     def flush(self) -> None:
-        """Mix in the exchange still in flight (overlapped mode), like ``GossipDataParallel``."""
+        """Mix in the exchange in flight, like ``GossipDataParallel`` at the end of backward."""
         if self._pending is not None:
-            self._finish(residual=True)
+            self._finish()
 
     # --- mixing, in GossipDataParallel's order -------------------------------------------------
 
@@ -146,13 +146,10 @@ class VirtualCluster:
     def _gossips_params(self) -> bool:
         return self.algo == "gossip" and self.mode == "params"
 
-    def _gossip_params(self) -> None:
-        self.flush()
+    def _start_params(self) -> None:
         self._pending = self._exchange([self._mixed(r) for r in self.replicas])
-        if self.sync:
-            self._finish(residual=False)
 
-    def _finish(self, residual: bool) -> None:
+    def _finish(self) -> None:
         assert self._pending is not None
         plans, self._pending = self._pending, None
         for replica, buckets, ex in zip(self.replicas, self._buckets, plans, strict=True):
@@ -160,11 +157,7 @@ class VirtualCluster:
                 continue
             tensors = self._mixed(replica)
             for b in buckets:
-                own = [tensors[i] for i in b.indices]
-                if residual:
-                    mix_residual_(own, b.send, b.recv, ex.weight)
-                else:
-                    mix_(own, b.recv, ex.weight)
+                mix_residual_([tensors[i] for i in b.indices], b.send, b.recv, ex.weight)
 
     def _gossip_grads(self) -> None:
         params = [list(r.parameters()) for r in self.replicas]
