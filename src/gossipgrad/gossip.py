@@ -52,7 +52,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 
-from gossipgrad import _p2p, _setup
+from gossipgrad import _p2p, _setup, cadence
 from gossipgrad.collectives import average_, broadcast_, consensus_distance
 from gossipgrad.errors import NonFiniteError, PeerError
 from gossipgrad.mixing import (
@@ -110,7 +110,7 @@ class GossipDataParallel(nn.Module, Joinable):
         self._gossip_enabled = True
         # the exchange in flight: one InFlight per bucket, and the plan it follows
         self._pending: tuple[list[_p2p.InFlight], Exchange] | None = None
-        self._grad_due = False  # gradients mode: this forward's backward must exchange
+        self._open = False  # a step began (training forward) and its backward has not ended
         self._callback_queued = False  # the end-of-backward callback of this backward
 
         _setup.check_device(module, self.group)
@@ -143,18 +143,34 @@ class GossipDataParallel(nn.Module, Joinable):
     @property
     def step_open(self) -> bool:
         """Whether a gossip step has begun (a training forward) and its backward not ended."""
-        return self._pending is not None or self._grad_due
+        return self._open
 
     def gossip_step(self) -> None:
-        """What the first training forward of a step does before computing: in ``params``
-        mode, start this step's exchange; in ``gradients`` mode, arm the exchange of the coming
-        backward. For wrappers that compose the engine with other parallelism
-        (``gossipgrad.hierarchical``); a plain training loop never calls it."""
-        if self.options.mode == "gradients":
-            self._grad_due = True
-        else:
+        """Begin a step, as its first training forward does before computing: in ``params``
+        mode, start the exchange if the step is due to send (``gossipgrad.cadence``); the end of
+        the step's backward (``end_step``) completes it. For wrappers that compose the engine
+        with other parallelism (``gossipgrad.hierarchical``); a plain loop never calls it."""
+        o = self.options
+        self._open = True
+        self.bytes_sent_last_step = 0
+        if o.mode == "params" and cadence.exchange_starts(self.step, o.gossip_every):
             self._start_params()
         self.step += 1
+
+    def end_step(self, *, joined: bool = False) -> None:
+        """End the open step, as the end of its backward does: mix the partner's replica in
+        (or average gradients with it) when due, then the exact average when due. ``joined``: a
+        rank that ran out of data, shadowing the step (``Join``)."""
+        if not self._open:
+            return
+        self._open = False
+        o, t = self.options, self.step - 1
+        if o.mode == "gradients":
+            self._exchange_grads(t, zeros=joined)
+        elif cadence.exchange_ends(t, o.gossip_every):
+            self.flush()
+        if cadence.average_due(t, o.average_every):
+            self.average_replicas()
 
     def _should_gossip(self) -> bool:
         return (
@@ -166,44 +182,43 @@ class GossipDataParallel(nn.Module, Joinable):
 
     def _start_params(self) -> None:
         tensors = self._mixed_tensors()
-        ex = self._plan(self.step)
+        index = cadence.exchange_index(self.step, self.options.gossip_every)
+        ex = self._plan(index)
         inflights = []
-        for index, b in enumerate(self._buckets):  # bucket 0 is on the wire while 1 is packed
+        for i, b in enumerate(self._buckets):  # bucket 0 is on the wire while 1 is packed
             pack_(b.send, [tensors[i] for i in b.indices])
-            inflights.append(self._start([b], ex, index))
+            inflights.append(self._start([b], ex, index, i))
         self.bytes_sent_last_step = self._payload_bytes(ex)
         self._pending = (inflights, ex)
         if self.options.sync:
             for inflight in inflights:
                 self._wait(inflight)
 
-    def _start(self, buckets: list[Bucket], ex: Exchange, index: int = 0) -> _p2p.InFlight:
+    def _start(
+        self, buckets: list[Bucket], ex: Exchange, exchange: int, first: int = 0
+    ) -> _p2p.InFlight:
         return _p2p.start(
             [b.send for b in buckets],
             [b.recv for b in buckets],
             ex.send_to,
             ex.recv_from,
-            self.step,
+            exchange,
             self.group,
             streams=self._streams,
-            index=index,
+            index=first,
         )
 
     def _payload_bytes(self, ex: Exchange) -> int:
         return sum(b.nbytes for b in self._buckets) if ex.send_to is not None else 0
 
     def _on_grad_ready(self, _param: torch.Tensor) -> None:
-        if self.step_open and not self._callback_queued:
+        if self._open and not self._callback_queued:
             self._callback_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
 
     def _end_of_backward(self) -> None:
         self._callback_queued = False
-        if self._grad_due:
-            self._grad_due = False
-            self._exchange_grads()
-        else:
-            self.flush()
+        self.end_step()
 
     def flush(self) -> None:
         """Complete the exchange in flight, if any, and mix it in now rather than at the end of
@@ -240,20 +255,20 @@ class GossipDataParallel(nn.Module, Joinable):
 
     # --- gradients mode ----------------------------------------------------------------------
 
-    def _exchange_grads(self, zeros: bool = False) -> None:
-        """Average gradients with the partner of gossip step ``step - 1``; ``zeros``: a rank
-        that has joined sends zeros and keeps nothing (``Join``)."""
+    def _exchange_grads(self, step: int, zeros: bool = False) -> None:
+        """Average gradients with the partner of step ``step``; ``zeros``: a rank that has
+        joined sends zeros and keeps nothing (``Join``)."""
         params = self._mixed_tensors()
         grads = [_grad(p, zeros) for p in params]
-        ex = self._plan(self.step - 1)
+        ex = self._plan(step)
         for b in self._buckets:
             pack_(b.send, [grads[i] for i in b.indices])
-        self._wait(self._start(self._buckets, ex))
+        self._wait(self._start(self._buckets, ex, step))
         self.bytes_sent_last_step = self._payload_bytes(ex)
         if ex.recv_from is None or zeros:
             return
         for b in self._buckets:
-            if self._check_finite(b.recv, ex.recv_from, self.step - 1):
+            if self._check_finite(b.recv, ex.recv_from, step):
                 mix_([grads[i] for i in b.indices], b.recv, ex.weight)
         for p, g in zip(params, grads, strict=True):
             if p.grad is None and p.requires_grad:
@@ -362,14 +377,9 @@ class _GossipJoinHook(JoinHook):
         self.engine = engine
 
     def main_hook(self) -> None:
-        engine = self.engine
-        engine.flush()
-        if engine.options.mode == "gradients":
-            engine.step += 1
-            engine._exchange_grads(zeros=True)
-            return
-        engine.gossip_step()
-        engine.flush()
+        self.engine.end_step()  # a forward without a backward left a step open
+        self.engine.gossip_step()
+        self.engine.end_step(joined=True)
 
     def post_hook(self, is_last_joiner: bool) -> None:
         self.engine.flush()

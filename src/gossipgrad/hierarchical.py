@@ -45,7 +45,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gossipgrad import _setup
+from gossipgrad import _setup, cadence
 from gossipgrad.collectives import average_, broadcast_, consensus_distance, gather_object
 from gossipgrad.gossip import GossipDataParallel, load_schedule_state, schedule_state
 from gossipgrad.mixing import constant_buffers, make_buckets, replica_tensors
@@ -159,7 +159,14 @@ class HierarchicalDataParallel(nn.Module):
 
     def _end_of_backward(self) -> None:
         self._callback_queued = False
-        self.flush()
+        if not self._open:
+            return
+        self._open = False
+        o, t = self.options, self.step - 1
+        if self._engines.gossip is not None:
+            self._engines.gossip.end_step()
+        if cadence.exchange_ends(t, o.gossip_every) or cadence.average_due(t, o.average_every):
+            self._share()
 
     def _share(self) -> None:
         """Give the node's ranks the leader's parameters and floating-point buffers."""
@@ -168,10 +175,9 @@ class HierarchicalDataParallel(nn.Module):
 
     def flush(self) -> None:
         """Complete the leaders' exchange in flight, mix it in, and share the result within the
-        node (collective; the end of each training backward does it). Call it between steps."""
-        if not self._open:
+        node (collective). Call it between steps, before evaluating or saving a replica."""
+        if len(self.nodes) == 1:
             return
-        self._open = False
         if self._engines.gossip is not None:
             self._engines.gossip.flush()
         self._share()

@@ -56,6 +56,10 @@ class GossipOptions:
             ``torch.float16``: half the bytes); mixing still keeps the replicas' average.
         streams: connections per partner to spread the buckets over (gloo: one TCP stream each;
             NCCL ignores it).
+        gossip_every: exchange with a partner every ``K`` steps (local steps between; the
+            exchange travels during the ``K`` steps); ``params`` mode.
+        average_every: every ``H`` steps, replace every replica by the exact average (one
+            all-reduce; Gossip-PGA); 0: never.
     """
 
     sync: bool = False
@@ -67,6 +71,8 @@ class GossipOptions:
     on_nonfinite: str = "raise"
     wire_dtype: torch.dtype | None = None
     streams: int = 1
+    gossip_every: int = 1
+    average_every: int = 0
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -127,3 +133,12 @@ def _validate(o: GossipOptions) -> None:
         raise ValueError(f"streams must be an integer in [1, {MAX_STREAMS}], got {o.streams!r}")
     if not 1 <= o.streams <= MAX_STREAMS:
         raise ValueError(f"streams must be an integer in [1, {MAX_STREAMS}], got {o.streams!r}")
+    for name, low in (("gossip_every", 1), ("average_every", 0)):
+        value = getattr(o, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if o.gossip_every > 1 and o.mode != "params":
+        raise ValueError(
+            f"gossip_every={o.gossip_every} needs mode='params' (local steps between exchanges "
+            "of gradients would drop those gradients); use gossip_every=1 with mode='gradients'"
+        )

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gossipgrad import cadence
 from gossipgrad._shuffle_plan import label_skew_shards, simulate, strided_shard
 from gossipgrad.mixing import (
     Bucket,
@@ -103,7 +104,8 @@ class VirtualCluster:
                 f"train_step got {len(batches)} batches for {self.world_size} replicas: "
                 "give one (input, target) pair per replica"
             )
-        if self._gossips_params:
+        o = self.options
+        if self._gossips_params and cadence.exchange_starts(self.step, o.gossip_every):
             self._start_params()
         elif self.algo == "allreduce":
             self._broadcast_buffers()
@@ -112,7 +114,10 @@ class VirtualCluster:
             loss = loss_fn(replica(x), y)
             loss.backward()
             losses.append(loss.item())
-        self.flush()  # the end of backward: mix what was received
+        if cadence.exchange_ends(self.step, o.gossip_every):
+            self.flush()  # the end of backward: mix what was received
+        if self.algo == "gossip" and cadence.average_due(self.step, o.average_every):
+            self.average_replicas()
         if self.algo == "allreduce":
             self._average_grads()
         elif self.mode == "gradients":
@@ -147,7 +152,8 @@ class VirtualCluster:
         return self.algo == "gossip" and self.mode == "params"
 
     def _start_params(self) -> None:
-        self._pending = self._exchange([self._mixed(r) for r in self.replicas])
+        index = cadence.exchange_index(self.step, self.options.gossip_every)
+        self._pending = self._exchange([self._mixed(r) for r in self.replicas], index)
 
     def _finish(self) -> None:
         assert self._pending is not None
@@ -162,7 +168,7 @@ class VirtualCluster:
     def _gossip_grads(self) -> None:
         params = [list(r.parameters()) for r in self.replicas]
         grads = [[_grad(p) for p in ps] for ps in params]
-        plans = self._exchange(grads)
+        plans = self._exchange(grads, self.step)
         for buckets, gs, ex in zip(self._buckets, grads, plans, strict=True):
             if ex.recv_from is not None:
                 for b in buckets:
@@ -172,11 +178,11 @@ class VirtualCluster:
                 if p.grad is None and p.requires_grad:
                     p.grad = g
 
-    def _exchange(self, tensors: list[list[torch.Tensor]]) -> list[Exchange]:
+    def _exchange(self, tensors: list[list[torch.Tensor]], index: int) -> list[Exchange]:
         """Pack every replica's ``tensors`` into its send buffers and deliver each message: the
         receive buffers of replica ``i`` get the send buffers of ``plan(i, step).recv_from``."""
         plans = [
-            plan(i, self.step, self.world_size, self.seed, self.schedule)
+            plan(i, index, self.world_size, self.seed, self.schedule)
             for i in range(self.world_size)
         ]
         for own, buckets in zip(tensors, self._buckets, strict=True):

@@ -1,0 +1,31 @@
+"""When a gossip step exchanges, mixes and averages: pure functions of the step, shared by the
+engines and the virtual cluster.
+
+With ``gossip_every = K``, the replica is sent at the first step of every run of ``K`` steps and
+the partner's is mixed in at the end of the backward of the last one (residual form, so the
+``K - 1`` local steps taken meanwhile are kept, and the exchange has ``K`` steps to travel). With
+``average_every = H > 0``, every replica becomes the exact average at the end of the backward of
+every ``H``-th step (Gossip-PGA). Partners follow the schedule by exchange, not by step.
+"""
+
+from __future__ import annotations
+
+
+def exchange_starts(step: int, gossip_every: int) -> bool:
+    """Whether step ``step`` (0-based) sends the replica."""
+    return step % gossip_every == 0
+
+
+def exchange_ends(step: int, gossip_every: int) -> bool:
+    """Whether the end of step ``step``'s backward mixes the partner's replica in."""
+    return (step + 1) % gossip_every == 0
+
+
+def exchange_index(step: int, gossip_every: int) -> int:
+    """Which exchange of the schedule step ``step`` belongs to (``schedule.plan``'s step)."""
+    return step // gossip_every
+
+
+def average_due(step: int, average_every: int) -> bool:
+    """Whether the end of step ``step``'s backward averages every replica exactly."""
+    return average_every > 0 and (step + 1) % average_every == 0
