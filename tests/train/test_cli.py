@@ -1,4 +1,5 @@
-"""`gossipgrad train` end to end at p = 2 through torch's elastic launcher, and its errors."""
+"""`gossipgrad train` end to end at p = 2 through torch's elastic launcher, its errors and the
+checks made before any worker starts."""
 
 from __future__ import annotations
 
@@ -8,21 +9,35 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from gossipgrad.train import cli, worker
+from gossipgrad.train import cli, launch, worker
 from gossipgrad.train.data import DatasetInfo
+from gossipgrad.train.lock import run_lock
 
 _SMALL = ["--nproc", "2", "--epochs", "1", "--max-steps", "12", "--quiet"]
 _SMALL += ["--log-every", "4", "--consensus-every", "4"]
 
 
-def test_train_both_algorithms_end_to_end(tmp_path: Path, capsys) -> None:
-    assert cli.main(["train", *_SMALL, "--out", str(tmp_path)]) == 0
+@pytest.fixture
+def temp_dir(tmp_path: Path, monkeypatch) -> Path:
+    """A temporary folder of its own for what the launcher writes there."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def test_train_both_algorithms_end_to_end(tmp_path: Path, temp_dir: Path, capsys) -> None:
+    assert cli.main(["train", *_SMALL, "--out", str(tmp_path / "run")]) == 0
+    assert list(temp_dir.iterdir()) == []  # the launcher's log folders are gone
+    tmp_path = tmp_path / "run"
     out = capsys.readouterr().out
     table = out[out.index("digits, mlp, 2 ranks") :]
     assert "gossip" in table and "all-reduce" in table
@@ -66,13 +81,59 @@ def test_restarted_workers_resume_from_the_last_checkpoint(tmp_path: Path) -> No
     assert summary["resumed_from"].endswith("step_00000005")
 
 
-def test_worker_failure_is_reported_in_a_line(tmp_path: Path, capsys) -> None:
-    argv = [*_SMALL, "--algo", "allreduce", "--resume", str(tmp_path / "nothing")]
+def failing_mlp(info: DatasetInfo) -> nn.Module:
+    """An MLP whose rank 1 raises at its 3rd training forward (rank 0 then loses its partner)."""
+
+    class _Failing(nn.Sequential):
+        calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            if os.environ.get("RANK") == "1" and self.training and self.calls == 3:
+                raise ValueError("rank 1's own model broke")
+            return super().forward(x)
+
+    return _Failing(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, info.num_classes))
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_the_error_names_the_rank_whose_own_code_failed(tmp_path: Path, temp_dir, capsys, sync):
+    argv = [*_SMALL, "--algo", "gossip", "--model", f"{__file__}:failing_mlp"]
+    argv += ["--sync"] if sync else []
     assert cli.main(["train", *argv, "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
-    # every rank fails the same way; whichever the launcher reports first is named
-    expected = r"gossipgrad: error: allreduce run failed: rank \d: CheckpointError: --resume"
-    assert re.search(expected, err), err
+    expected = "gossipgrad: error: gossip run failed: rank 1: ValueError: rank 1's own model broke"
+    assert err.startswith(expected), err
+    assert err.count("\n") == 1, err
+    logs = re.search(r"\(worker log: (\S+)\)", err)
+    assert logs and Path(logs.group(1)).is_file(), err  # kept after a failure, and named
+
+
+def test_checks_before_launch_exit_2_in_one_line(tmp_path: Path, capsys) -> None:
+    cases = [
+        (["--algo", "gossip", "--schedule", "hypercube", "--nproc", "3"], "--schedule hypercube"),
+        (["--resume", str(tmp_path / "missing")], "no such file or folder"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "--device cuda: no CUDA device"))
+    for argv, message in cases:
+        out = tmp_path / "run"
+        assert cli.main(["train", *argv, "--quiet", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"gossipgrad: error: {argv[0]} ") or message in err, err
+        assert message in err and err.count("\n") == 1, err
+        assert not out.exists()  # no worker started
+
+
+def test_a_second_run_on_the_same_folder_exits_at_once(tmp_path: Path, capsys) -> None:
+    with run_lock(tmp_path):
+        assert cli.main(["train", *_SMALL, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"gossipgrad: error: {tmp_path} is in use by another run (pid {os.getpid()}): wait for "
+        "it to finish, or choose another --out\n"
+    )
+    assert not (tmp_path / "gossip").exists()
 
 
 @pytest.mark.parametrize(
@@ -131,20 +192,26 @@ def _outside_address() -> str | None:
     return None if address.startswith("127.") else address
 
 
+def _accepts(address: str, port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(5)
+        return probe.connect_ex((address, port)) == 0
+
+
 def test_rendezvous_and_worker_stores_listen_on_loopback_only(monkeypatch) -> None:
     outside = _outside_address()
     if outside is None:
         pytest.skip("this machine has no non-loopback address to probe")
-    with cli._loopback_store(5.0) as port:
-        assert socket.socket().connect_ex(("127.0.0.1", port)) == 0
-        assert socket.socket().connect_ex((outside, port)) != 0
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    listener.close()
+    with launch.loopback_store(5.0) as (_, port):
+        assert _accepts("127.0.0.1", port)
+        assert not _accepts(outside, port)
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(port))
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
-    store = worker._elastic_store(0, 1, __import__("datetime").timedelta(seconds=5))
-    assert socket.socket().connect_ex(("127.0.0.1", port)) == 0
-    assert socket.socket().connect_ex((outside, port)) != 0
+    store = worker.elastic_store(0, 1, timedelta(seconds=5))
+    assert _accepts("127.0.0.1", port)
+    assert not _accepts(outside, port)
     del store

@@ -8,7 +8,7 @@ import sklearn.model_selection  # noqa: F401 - imported once here, the forked ra
 import torch._dynamo  # noqa: F401 - (DDP imports it on first use)
 from _dist import run_world
 
-from gossipgrad.train import worker
+from gossipgrad.train import loop
 from gossipgrad.train.config import TrainConfig
 from gossipgrad.train.metrics import MetricsLog, read_metrics
 
@@ -63,7 +63,7 @@ def _train(rank: int, world: int, out: str, consensus_warn: float) -> dict:
         consensus_every=5,
         consensus_warn=consensus_warn,
     )
-    return worker.train(cfg.validate(), "gossip")
+    return loop.train(cfg.validate(), "gossip")
 
 
 def test_training_with_a_tiny_threshold_warns_on_rank_0(tmp_path: Path, capfd) -> None:

@@ -1,8 +1,10 @@
-"""The training loop in-process on 2 gloo ranks: outputs, and exact resume from a checkpoint."""
+"""The training loop (``TrainingLoop``) on 2 gloo ranks forked by ``_dist.run_world``: what a run
+writes, exact resume from a checkpoint, held-out evaluation that leaves the replicas alone."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ import torch._dynamo  # noqa: F401 - (DDP imports it on first use)
 from _dist import run_world
 
 from gossipgrad import checkpoint
-from gossipgrad.train import worker
+from gossipgrad.train import loop, sampling, worker
 from gossipgrad.train.config import TrainConfig
 
 _METRIC_KEYS = {"step", "epoch", "time", "loss", "acc", "consensus", "samples_per_s"}
@@ -20,7 +22,7 @@ _METRIC_KEYS = {"step", "epoch", "time", "loss", "acc", "consensus", "samples_pe
 
 def _train(rank: int, world: int, algo: str, out: str, options: dict) -> dict:
     cfg = TrainConfig(algo=algo, out=out, quiet=True, log_every=5, consensus_every=5, **options)
-    return worker.train(cfg.validate(), algo)
+    return loop.train(cfg.validate(), algo)
 
 
 def test_a_run_writes_model_summary_and_metrics(tmp_path: Path) -> None:
@@ -71,7 +73,7 @@ def test_resume_continues_exactly(tmp_path: Path, algo: str) -> None:
 
 
 def test_resume_refuses_what_is_not_this_runs_checkpoint(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError, match="no intact checkpoint there"):
+    with pytest.raises(RuntimeError, match="no checkpoint there"):
         run_world(_train, 2, "allreduce", str(tmp_path), {"max_steps": 2, "resume": str(tmp_path)})
     run_world(_train, 2, "gossip", str(tmp_path), {"max_steps": 2, "checkpoint_every": 2})
     gossips = str(tmp_path / "gossip" / "checkpoints" / "step_00000002")
@@ -83,16 +85,16 @@ def test_resume_refuses_what_is_not_this_runs_checkpoint(tmp_path: Path) -> None
 
 def test_resumable_distributed_sampler_continues_mid_epoch() -> None:
     data = list(range(20))
-    full = worker.ResumableDistributedSampler(data, num_replicas=2, rank=0, seed=3)
+    full = sampling.ResumableDistributedSampler(data, num_replicas=2, rank=0, seed=3)
     full.set_epoch(1)
     order = list(full)
-    partial = worker.ResumableDistributedSampler(data, num_replicas=2, rank=0, seed=3)
+    partial = sampling.ResumableDistributedSampler(data, num_replicas=2, rank=0, seed=3)
     partial.set_epoch(1)
     it = iter(partial)
     head = [next(it) for _ in range(4)]
     state = partial.state_dict()
     assert state == {"epoch": 1, "yielded": 4}
-    again = worker.ResumableDistributedSampler(data, num_replicas=2, rank=0, seed=3)
+    again = sampling.ResumableDistributedSampler(data, num_replicas=2, rank=0, seed=3)
     again.load_state_dict(state)
     assert head + list(again) == order
     assert list(again) == order  # the next pass is a whole epoch again
@@ -135,8 +137,14 @@ def test_eval_every_records_the_average_and_leaves_the_replicas_alone(
     assert 0 < evals[0]["time"] < evals[1]["time"] == summary["train_time_s"]
 
 
-def test_a_scratch_copy_only_where_replicas_differ_and_evaluation_is_asked() -> None:
-    module = torch.nn.Linear(1, 1)
-    assert worker._scratch_module(TrainConfig(eval_every=1), "gossip", module) is not module
-    assert worker._scratch_module(TrainConfig(eval_every=1), "allreduce", module) is None
-    assert worker._scratch_module(TrainConfig(), "gossip", module) is None
+def _stopwatch_pauses() -> tuple[float, float]:
+    watch = loop.Stopwatch(offset=5.0)
+    with watch.paused():
+        time.sleep(0.05)
+    return watch.elapsed(), time.perf_counter()
+
+
+def test_the_stopwatch_starts_at_its_offset_and_stands_still_when_paused() -> None:
+    began = time.perf_counter()
+    elapsed, ended = _stopwatch_pauses()
+    assert 5.0 <= elapsed < 5.0 + (ended - began) - 0.05 + 1e-3

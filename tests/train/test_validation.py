@@ -175,8 +175,7 @@ _GOOD_OPTION = st.one_of(
 def no_launch(monkeypatch) -> list[TrainConfig]:
     """``gossipgrad train`` up to the launch: the config it would train with is kept instead."""
     launched: list[TrainConfig] = []
-    monkeypatch.setattr(cli, "train_command", lambda cfg: launched.append(cfg) or 0)
-    monkeypatch.setattr(cli, "_preflight", lambda cfg: None)  # the dataset and model: elsewhere
+    monkeypatch.setattr(cli, "run", lambda cfg: launched.append(cfg) or 0)  # checks: elsewhere
     return launched
 
 

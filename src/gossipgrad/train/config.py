@@ -7,6 +7,9 @@ Every option is a field of ``TrainConfig`` with its help text; the command-line 
 TOML reader are generated from the fields, so ``--help`` lists every option with its default, and
 a TOML file takes the same names (``batch_size`` or ``batch-size``). ``validate`` checks each
 value and raises ``ConfigError`` with one line naming the option and the allowed range.
+
+Nothing here imports torch (``gossipgrad.train.choices`` holds the choice sets), so a bad option
+is answered at once; ``gossip_options`` imports the engine's options when the worker needs them.
 """
 
 from __future__ import annotations
@@ -17,23 +20,41 @@ import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gossipgrad.engines import ALGOS as ENGINE_ALGOS
-from gossipgrad.options import MODES, ON_NONFINITE, WIRE_DTYPES, GossipOptions
-from gossipgrad.schedule import SCHEDULES
-from gossipgrad.train.data import DATASETS
-from gossipgrad.train.models import MODELS
+from gossipgrad.train.choices import (
+    ALGOS,
+    DATASETS,
+    DEVICES,
+    ENGINE_DEFAULTS,
+    MAX_STREAMS,
+    MODELS,
+    MODES,
+    ON_NONFINITE,
+    OPTIMIZERS,
+    SCHEDULES,
+    WIRE,
+)
 from gossipgrad.train.plugins import import_callable
 
-ALGOS = (*ENGINE_ALGOS, "both")
-OPTIMIZERS = ("sgd", "adam", "adamw")
-DEVICES = ("auto", "cpu", "cuda")
-WIRE = tuple(WIRE_DTYPES)
-_ENGINE = GossipOptions()  # the engine's defaults, which the flags below take
-# Engine options whose flag has another name (field ``bucket_cap_mb``: ``--bucket-mb``), so that
-# an error of ``GossipOptions`` names the flag.
-_FLAG_OF = {"bucket_cap_mb": "bucket_mb", "timeout": "timeout_s"}
+if TYPE_CHECKING:
+    from gossipgrad.options import GossipOptions
+
+__all__ = [
+    "ALGOS",
+    "DEVICES",
+    "MODES",
+    "ON_NONFINITE",
+    "OPTIMIZERS",
+    "WIRE",
+    "ConfigError",
+    "TrainConfig",
+    "build_parser",
+    "flag",
+    "load_config",
+    "read_toml",
+]
+_ENGINE: dict[str, Any] = ENGINE_DEFAULTS  # the engine's defaults, which the flags below take
 
 
 _MAX_SEED = 2**63 - 1  # the shuffle's agreement check holds seeds in an int64
@@ -95,37 +116,37 @@ class TrainConfig:
     seed: int = field(default=0, metadata=_opt("seeds the model, data split, sampler, schedule"))
     # --- gossip
     schedule: str = field(
-        default=_ENGINE.schedule, metadata=_opt("gossip partner schedule", choices=SCHEDULES)
+        default=_ENGINE["schedule"], metadata=_opt("gossip partner schedule", choices=SCHEDULES)
     )
     sync: bool = field(
-        default=_ENGINE.sync, metadata=_opt("wait for each exchange instead of overlapping it")
+        default=_ENGINE["sync"], metadata=_opt("wait for each exchange instead of overlapping it")
     )
     mode: str = field(
-        default=_ENGINE.mode, metadata=_opt("what gossip mixes with the partner", choices=MODES)
+        default=_ENGINE["mode"], metadata=_opt("what gossip mixes with the partner", choices=MODES)
     )
     shuffle_fraction: float = field(
         default=0.25,
         metadata=_opt("share of its samples a rank passes to its partner each epoch (0 to 1)"),
     )
     bucket_mb: float = field(
-        default=_ENGINE.bucket_cap_mb, metadata=_opt("largest message, in MiB")
+        default=_ENGINE["bucket_cap_mb"], metadata=_opt("largest message, in MiB")
     )
     wire_dtype: str = field(
-        default="none",  # _ENGINE.wire_dtype
+        default=_ENGINE["wire_dtype"],
         metadata=_opt(
             "send parameters as bfloat16 or float16 (half the bytes), or none", choices=WIRE
         ),
     )
     streams: int = field(
-        default=_ENGINE.streams,
+        default=_ENGINE["streams"],
         metadata=_opt("connections per partner to spread messages over (1 to 16)"),
     )
     on_nonfinite: str = field(
-        default=_ENGINE.on_nonfinite,
+        default=_ENGINE["on_nonfinite"],
         metadata=_opt("on NaN/inf parameters: raise, or skip that exchange", choices=ON_NONFINITE),
     )
     timeout_s: float = field(
-        default=_ENGINE.timeout.total_seconds(),
+        default=_ENGINE["timeout_s"],
         metadata=_opt("seconds to wait for a peer before failing"),
     )
     # --- length, logging, checkpoints
@@ -210,7 +231,8 @@ class TrainConfig:
                     import_callable(spec, option)
                 except ValueError as error:
                     raise ConfigError(f"{flag(option)}: {error}") from None
-        self._check_engine_options()
+        _positive(self, "bucket_mb")
+        _in_range(self, "streams", 1, MAX_STREAMS)
         if self.tensorboard and not _has_tensorboard():
             raise ConfigError(
                 "--tensorboard needs the tensorboard package: pip install 'gossipgrad[tensorboard]'"
@@ -218,7 +240,10 @@ class TrainConfig:
         return self
 
     def gossip_options(self) -> GossipOptions:
-        """The engine's options these flags set: the one place where flags map onto them."""
+        """The engine's options these flags set: the one place where flags map onto them (a
+        config that ``validate`` accepts always makes valid options)."""
+        from gossipgrad.options import WIRE_DTYPES, GossipOptions
+
         return GossipOptions(
             sync=self.sync,
             mode=self.mode,
@@ -230,14 +255,6 @@ class TrainConfig:
             wire_dtype=WIRE_DTYPES[self.wire_dtype],
             streams=self.streams,
         )
-
-    def _check_engine_options(self) -> None:
-        """``GossipOptions`` checks the engine's options; its error names the flag."""
-        try:
-            self.gossip_options()
-        except ValueError as error:
-            name = str(error).split(" ", 1)[0]
-            raise ConfigError(f"{flag(_FLAG_OF.get(name, name))}: {error}") from None
 
     def algos(self) -> tuple[str, ...]:
         """The algorithms to run, in order."""

@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
+from gossipgrad.train.choices import DATASETS
 from gossipgrad.train.plugins import check_options, import_callable
 
 TASKS: tuple[str, ...] = ("classification", "lm")
-DATASETS: tuple[str, ...] = ("digits", "pytext", "synthetic-imagenet")
 
 
 @dataclass(frozen=True)

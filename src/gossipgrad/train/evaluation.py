@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from gossipgrad.train.metrics import Meter
 from gossipgrad.train.models import task_loss
 
 
@@ -21,17 +22,14 @@ def evaluate(
     device = next(module.parameters()).device
     was_training = module.training
     module.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, targets
+    meter = Meter(device)
     share = Subset(dataset, range(rank, len(dataset), world))
     # its own generator: a DataLoader draws its base seed from the global RNG otherwise, and an
     # evaluation mid-run must not change what training draws next
     for x, y in DataLoader(share, batch_size=batch_size, generator=torch.Generator()):
         x, y = x.to(device), y.to(device)
         output = module(x)
-        sums[0] += task_loss(output, y).double() * y.numel()
-        sums[1] += (output.argmax(-1) == y).sum()
-        sums[2] += y.numel()
-    dist.all_reduce(sums)
+        meter.add(task_loss(output, y), output, y)
+    totals = meter.reduce()
     module.train(was_training)
-    loss, correct, count = sums.tolist()
-    return loss / max(count, 1), correct / max(count, 1)
+    return totals.loss or 0.0, totals.acc or 0.0

@@ -1,5 +1,9 @@
-"""Where a run's measurements go while it trains: a JSONL file, a live bar, TensorBoard.
+"""A run's measurements: how they are summed, and where they go (a JSONL file, a live bar,
+TensorBoard).
 
+    meter = Meter(device)                            # sums on this rank, training or held-out
+    meter.add(loss, output, target)                  # one batch
+    totals = meter.reduce()                          # summed over ranks (collective)
     log = MetricsLog(run_dir, algo="gossip", total_steps=500, quiet=False, tensorboard=False)
     log.advance()                                    # one training step done
     log.record({"step": 10, "loss": 0.5, ...})       # one line of metrics.jsonl
@@ -20,9 +24,12 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 METRICS_FILE = "metrics.jsonl"
@@ -33,6 +40,56 @@ _BAR_KEYS = {
     "samples_per_s": "samples/s",
     "test_acc": "test acc",
 }
+
+
+@dataclass(frozen=True)
+class Totals:
+    """A ``Meter``'s sums over every rank: mean loss and accuracy (None without targets), and
+    the number of samples and targets (tokens, for language models)."""
+
+    loss: float | None
+    acc: float | None
+    samples: int
+    targets: int
+
+
+class Meter:
+    """Running sums of a task's loss and accuracy on this rank, for the training records and for
+    held-out evaluation alike: loss times targets and correct predictions stay on the device
+    (no synchronisation per batch), the counts in Python. ``started`` is the training time at
+    which the sums began (for samples per second)."""
+
+    def __init__(self, device: torch.device, started: float = 0.0) -> None:
+        self.sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss x targets, correct
+        self.targets = 0
+        self.samples = 0
+        self.started = started
+
+    @torch.no_grad()
+    def add(self, loss: torch.Tensor, output: torch.Tensor, target: torch.Tensor) -> None:
+        """One batch: ``loss`` its mean loss, ``output`` the logits, ``target`` the classes."""
+        self.sums[0] += loss.detach().double() * target.numel()
+        self.sums[1] += (output.argmax(-1) == target).sum()
+        self.targets += target.numel()
+        self.samples += target.shape[0]
+
+    def reduce(self) -> Totals:
+        """The sums over every rank (collective: one all-reduce)."""
+        counts = self.sums.new_tensor([self.targets, self.samples])
+        sums = torch.cat([self.sums, counts])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(sums)
+        loss, correct, targets, samples = sums.tolist()
+        if not targets:
+            return Totals(None, None, int(samples), 0)
+        return Totals(loss / targets, correct / targets, int(samples), int(targets))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": self.sums, "targets": self.targets, "samples": self.samples}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sums.copy_(state["sums"])
+        self.targets, self.samples = int(state["targets"]), int(state["samples"])
 
 
 class MetricsLog:

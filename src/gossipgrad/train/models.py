@@ -31,19 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gossipgrad.train.choices import MODELS
 from gossipgrad.train.data import DatasetInfo
 from gossipgrad.train.plugins import check_options, import_callable
-
-MODELS: tuple[str, ...] = (
-    "mlp",
-    "cnn",
-    "resnet20",
-    "resnet56",
-    "resnet18",
-    "resnet50",
-    "gpt",
-    "wide-mlp",
-)
 
 
 def build_model(name: str, info: DatasetInfo, **options: object) -> nn.Module:

@@ -1,39 +1,66 @@
 """What a training run carries across a restart: its progress counters, and the save and resume of
 every object's state (model, optimizer, sampler, gossip step, random generators) through
-``gossipgrad.checkpoint``. ``gossipgrad.train`` runs the loop; this module only stores it."""
+``gossipgrad.checkpoint``. ``gossipgrad.train.loop`` runs the loop; this module only stores it.
+
+    run_state.save(loop)             # collective: every rank's state, at loop.progress.step
+    resumed = run_state.resume(loop)  # collective: load what --resume names into loop (or None)
+    run_state.check_resume(cfg, algo, model)  # before launch: what resume would refuse
+
+Resuming:
+
+- ``--resume auto`` takes the newest checkpoint that loads; a damaged one is skipped with a
+  warning naming it and why. When checkpoints exist but none can be used, the run stops with a
+  ``ResumeError`` naming each: it never trains from step 0 over them.
+- The algorithm, dataset, model, optimizer, seed, schedule and shuffle fraction of a run are
+  fixed (``FIXED``): a resume that changes one is refused up front, naming the flag and both
+  values. Every other flag may change (lr, epochs, max steps, logging, evaluation and checkpoint
+  cadence, engine options...): it is applied (the optimizer's hyperparameters are set from the
+  flags after its state is loaded) and recorded as ``{flag: [checkpoint's, this run's]}``.
+- On the same number of ranks the run continues bit for bit. On another number (``q`` ranks from
+  a checkpoint of ``p``), every rank starts from the exact average of the ``p`` saved replicas;
+  the optimizer state (momentum, Adam moments) is averaged the same way, element by element; the
+  sampler is re-sharded for ``q`` ranks and the epoch continues after the samples already seen
+  (``yielded * p / q`` per rank, rounded down to whole batches); each rank's random generators
+  restart from its own seed; the step, epoch, training time and metrics history carry on.
+"""
 
 from __future__ import annotations
 
+import json
 import random
-import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from gossipgrad import checkpoint
-from gossipgrad.train.config import TrainConfig
+from gossipgrad.train.config import TrainConfig, flag
+from gossipgrad.train.metrics import Meter
+from gossipgrad.train.sampling import move_to
+
+if TYPE_CHECKING:
+    from gossipgrad.train.loop import TrainingLoop
+
+# Flags a resumed run cannot change (besides the algorithm, compared as the run's identity).
+FIXED = ("dataset", "model", "optimizer", "seed", "schedule", "shuffle_fraction")
+_FIXED_TEXT = "the algorithm, dataset, model, optimizer, seed, schedule and shuffle fraction"
+_UNRECORDED = ("algo", "resume", "out", "nproc")  # the world size is recorded on its own
+AVERAGED = ("model", "optim", "progress")  # averaged over the saved ranks on another world size
 
 
-@dataclass
-class Window:
-    """Sums since the last record (loss over samples, correct predictions, targets, samples)."""
-
-    loss: torch.Tensor
-    correct: torch.Tensor
-    targets: int = 0
-    samples: int = 0
-    began: float = field(default_factory=time.perf_counter)
+class ResumeError(checkpoint.CheckpointError):
+    """What ``--resume`` names cannot be used; the message names each checkpoint and why."""
 
 
 @dataclass
 class Progress:
     """Counters that a checkpoint carries over (besides the model, optimizer and sampler)."""
 
-    window: Window  # this rank's sums since the last record
+    meter: Meter  # this rank's sums since the last record
     step: int = 0
     epoch: int = 0
     elapsed_s: float = 0.0
@@ -41,28 +68,85 @@ class Progress:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def new_window(device: torch.device) -> Window:
-    zero = torch.zeros((), dtype=torch.float64, device=device)
-    return Window(loss=zero.clone(), correct=zero.clone())
+@dataclass(frozen=True)
+class Resumed:
+    """Where a run resumed from: the checkpoint, how many ranks wrote it, the flags changed."""
+
+    path: Path
+    world_size: int
+    changes: dict[str, list[Any]]
 
 
-def save(
-    cfg: TrainConfig,
-    run_dir: Path,
-    identity: dict[str, str],
-    model: Any,
-    optimizer: torch.optim.Optimizer,
-    sampler: Any,
-    progress: Progress,
-) -> None:
-    model.flush()  # the exchange in flight belongs to this step
-    window = progress.window
+# --- before the run -----------------------------------------------------------------------------
+
+
+def check_fresh_start(cfg: TrainConfig, folder: Path) -> None:
+    """Without ``--resume``, refuse a checkpoints folder that an earlier run left: its rotation
+    would mix the two runs."""
+    if not cfg.resume and checkpoint.list_checkpoints(folder, incomplete=True):
+        raise ResumeError(
+            f"{folder.parent} already holds checkpoints of an earlier run: continue it with "
+            "--resume auto, or choose another --out"
+        )
+
+
+def check_resume(cfg: TrainConfig, algo: str, model: str) -> None:
+    """What can be checked before any worker starts (no collectives, no tensors read): a run
+    folder that already holds checkpoints without ``--resume``, a ``--resume`` path that does
+    not exist or holds no checkpoint, checkpoints none of which is complete, and flags that the
+    newest complete checkpoint's run does not allow to change. Raises ``ResumeError``."""
+    folder = Path(cfg.out) / algo / "checkpoints"
+    check_fresh_start(cfg, folder)
+    if not cfg.resume:
+        return
+    candidates = _candidates(cfg.resume, folder, algo)
+    complete = [p for p in candidates if (p / checkpoint.MANIFEST).is_file()]
+    if candidates and not complete:
+        _refuse_all([(p, checkpoint.validate(p, any_world=True) or "") for p in candidates])
+    if complete:
+        identity = {"algo": algo, "dataset": cfg.dataset, "model": model}
+        check_flags(cfg, identity, _saved_run(complete[0]), complete[0])
+
+
+def check_flags(
+    cfg: TrainConfig, identity: dict[str, str], run: dict[str, Any], path: Path
+) -> dict[str, list[Any]]:
+    """Refuse a change of a fixed flag (``ResumeError`` naming it and both values); return the
+    other flags that differ from the checkpoint's run, as ``{flag: [old, new]}``."""
+    saved = dict(run.get("config") or {})
+    ours = cfg.to_dict()
+    pairs = [(key, run.get(key), value) for key, value in identity.items()]
+    pairs += [(n, saved[n], ours[n]) for n in FIXED if n not in identity and n in saved]
+    for name, old, new in pairs:
+        if old != new:
+            raise ResumeError(
+                f"checkpoint {str(path)!r} is from a run with {name} {old!r}, but this run has "
+                f"{name} {new!r}; {_FIXED_TEXT} of a run cannot change: resume with "
+                f"{flag(name)} {old}, or choose another --out"
+            )
+    return {
+        f.name: [saved[f.name], ours[f.name]]
+        for f in fields(TrainConfig)
+        if f.name in saved
+        and f.name not in FIXED
+        and f.name not in _UNRECORDED
+        and saved[f.name] != ours[f.name]
+    }
+
+
+# --- save and resume ----------------------------------------------------------------------------
+
+
+def save(loop: TrainingLoop) -> None:
+    """Checkpoint ``loop`` at its current step (collective)."""
+    loop.model.flush()  # the exchange in flight belongs to this step
+    progress = loop.progress
     state = {
-        "run": identity,
-        "model": model.module.state_dict(),
-        "optim": optimizer.state_dict(),
-        "sampler": sampler.state_dict(),
-        "gossip": model.gossip_state(),
+        "run": {**loop.identity, "config": loop.cfg.to_dict()},
+        "model": loop.model.module.state_dict(),
+        "optim": loop.optimizer.state_dict(),
+        "sampler": loop.sampler.state_dict(),
+        "gossip": loop.model.gossip_state(),
         "rng": {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -73,77 +157,126 @@ def save(
             "step": progress.step,
             "epoch": progress.epoch,
             "elapsed_s": progress.elapsed_s,
-            "bytes_sent": progress.bytes_sent,
+            # a tensor, so that a resume on another world size averages it like the replicas
+            "bytes_sent": torch.tensor(float(progress.bytes_sent), dtype=torch.float64),
             "history": progress.history if dist.get_rank() == 0 else [],
-            "window": {
-                "loss": window.loss,
-                "correct": window.correct,
-                "targets": window.targets,
-                "samples": window.samples,
-            },
+            "meter": progress.meter.state_dict(),
         },
     }
-    checkpoint.save(run_dir / "checkpoints", progress.step, state, keep=cfg.keep_checkpoints)
+    checkpoint.save(loop.checkpoints, progress.step, state, keep=loop.cfg.keep_checkpoints)
 
 
-def resume(
-    cfg: TrainConfig,
-    folder: Path,
-    identity: dict[str, str],
-    model: Any,
-    optimizer: torch.optim.Optimizer,
-    sampler: Any,
-    progress: Progress,
-) -> Path | None:
-    """Load the checkpoint that ``cfg.resume`` names into the run's objects; return its path."""
-    found = find_checkpoint(cfg.resume, folder, identity["algo"])
-    if found is None:
-        return None
-    state, path = found
-    for key, value in identity.items():
-        if state["run"][key] != value:
-            raise checkpoint.CheckpointError(
-                f"checkpoint {str(path)!r} is from a run with {key} {state['run'][key]!r}, but "
-                f"this run has {key} {value!r}: resume with --{key} {state['run'][key]}"
-            )
-    model.module.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optim"])
-    sampler.load_state_dict(state["sampler"])
-    model.load_gossip_state(state["gossip"])
-    rng = state["rng"]
+def resume(loop: TrainingLoop) -> Resumed | None:
+    """Load the checkpoint that ``--resume`` names into ``loop``'s objects (module docstring);
+    None when there is nothing to resume (collective)."""
+    skipped: list[tuple[Path, str]] = []
+    for path in _candidates(loop.cfg.resume, loop.checkpoints, loop.algo):
+        try:
+            run = _saved_run(path)
+        except ResumeError as error:
+            skipped.append((path, str(error)))
+            continue
+        changes = check_flags(loop.cfg, loop.identity, run, path)
+        try:
+            world = _load(loop, path)
+        except checkpoint.CheckpointError as error:
+            skipped.append((path, str(error)))
+            continue
+        for where, why in skipped:
+            warnings.warn(f"skipped checkpoint {str(where)!r}: {why}", RuntimeWarning, stacklevel=2)
+        return Resumed(path, world, changes)
+    if skipped:
+        _refuse_all(skipped)
+    return None
+
+
+def _load(loop: TrainingLoop, path: Path) -> int:
+    """Load checkpoint ``path`` into ``loop``; returns the number of ranks that wrote it."""
+    saved = checkpoint.saved_world_size(path)
+    if saved == loop.world:
+        state = checkpoint.load(path)
+        loop.sampler.load_state_dict(state["sampler"])
+        _load_rng(state["rng"])
+    else:
+        state = checkpoint.load_resharded(path, AVERAGED)
+        _reshard_sampler(loop, state, saved)
+    loop.model.module.load_state_dict(state["model"])
+    loop.optimizer.load_state_dict(state["optim"])
+    loop.model.load_gossip_state(state["gossip"])
+    _load_progress(loop.progress, state["progress"])
+    return saved
+
+
+def _reshard_sampler(loop: TrainingLoop, state: dict[str, Any], saved: int) -> None:
+    """Continue the saved epoch on this world's shards, after the samples already seen."""
+    seen = int(state["sampler"]["yielded"]) * saved // loop.world
+    batch = loop.cfg.batch_size
+    position = min(seen, len(loop.sampler)) // batch * batch
+    move_to(loop.sampler, int(state["progress"]["epoch"]), position)
+
+
+def _load_rng(rng: dict[str, Any]) -> None:
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     np.random.set_state(tuple(rng["numpy"]))
     version, internal, gauss = rng["python"]
     random.setstate((version, tuple(internal), gauss))
-    saved = state["progress"]
+
+
+def _load_progress(progress: Progress, saved: dict[str, Any]) -> None:
     progress.step, progress.epoch = int(saved["step"]), int(saved["epoch"])
-    progress.elapsed_s, progress.bytes_sent = float(saved["elapsed_s"]), int(saved["bytes_sent"])
+    progress.elapsed_s = float(saved["elapsed_s"])
+    progress.bytes_sent = round(float(saved["bytes_sent"]))
     progress.history = list(saved["history"])
-    window = progress.window
-    window.loss.copy_(saved["window"]["loss"])
-    window.correct.copy_(saved["window"]["correct"])
-    window.targets, window.samples = saved["window"]["targets"], saved["window"]["samples"]
-    return path
+    progress.meter.load_state_dict(saved["meter"])
 
 
-def find_checkpoint(resume: str, folder: Path, algo: str) -> tuple[dict[str, Any], Path] | None:
-    """``--resume auto``: the newest intact checkpoint of this run, if any. ``--resume PATH``: that
-    checkpoint, or the newest intact one in PATH (a checkpoints folder or a run folder)."""
+# --- finding checkpoints ------------------------------------------------------------------------
+
+
+def _candidates(resume: str, folder: Path, algo: str) -> list[Path]:
+    """The checkpoints ``--resume`` names, newest first: ``auto``, every ``step_*`` folder of
+    this run; a ``step_*`` folder, that one; a checkpoints or run folder, its ``step_*``
+    folders. Raises ``ResumeError`` for a path that does not exist or holds no checkpoint."""
     if not resume:
-        return None
+        return []
     if resume == "auto":
-        return checkpoint.load_latest(folder)
+        return checkpoint.list_checkpoints(folder, incomplete=True)[::-1]
     path = Path(resume)
+    if not path.exists():
+        raise ResumeError(
+            f"--resume {resume}: no such file or folder; give a step_* folder, a checkpoints "
+            "folder or a run folder, or use --resume auto"
+        )
     if (path / checkpoint.MANIFEST).exists() or path.name.startswith("step_"):
-        return checkpoint.load(path), path
+        return [path]
     for candidate in (path / algo / "checkpoints", path / "checkpoints", path):
-        if checkpoint.list_checkpoints(candidate):
-            found = checkpoint.load_latest(candidate)
-            if found is not None:
-                return found
-    raise checkpoint.CheckpointError(
-        f"--resume {resume}: no intact checkpoint there (give a step_* folder, a checkpoints "
-        "folder, or a run folder), or use --resume auto"
+        found = checkpoint.list_checkpoints(candidate, incomplete=True)
+        if found:
+            return found[::-1]
+    raise ResumeError(
+        f"--resume {resume}: no checkpoint there (give a step_* folder, a checkpoints folder, or "
+        "a run folder), or use --resume auto"
+    )
+
+
+def _saved_run(path: Path) -> dict[str, Any]:
+    """What rank 0 of checkpoint ``path`` recorded about its run (JSON: no tensor is read)."""
+    try:
+        run = json.loads((path / "rank0.json").read_text())["run"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        problem = checkpoint.validate(path, any_world=True) or f"its rank0.json: {error}"
+        raise ResumeError(problem) from None
+    if not isinstance(run, dict):
+        raise ResumeError(f"{str(path / 'rank0.json')!r} is corrupt")
+    return run
+
+
+def _refuse_all(skipped: list[tuple[Path, str]]) -> None:
+    listed = "; ".join(f"{p.name}: {why}" for p, why in skipped)
+    raise ResumeError(
+        f"--resume: none of the {len(skipped)} checkpoints in {str(skipped[0][0].parent)!r} can "
+        f"be used ({listed}); nothing was trained over them: fix or move them away, or choose "
+        "another --out"
     )

@@ -1,0 +1,113 @@
+"""Which rank failed first, and why, in one line.
+
+torch's elastic error summary picks the earliest failure by a timestamp of 1 s resolution, so
+ties go to rank 0, which usually only lost its connection to the rank that really failed. So
+each worker of ``gossipgrad train`` that fails reports to the launcher's store (its address is in
+``GOSSIPGRAD_FAILURE_STORE``), with ``compare_set`` so that the first report of each kind wins:
+
+- a failure of the rank's own code (its model raised, a checkpoint could not be written, its own
+  parameters went non-finite) under ``own/<attempt>``;
+- a rank that only lost a peer (``PeerError``, torch's ``DistError``, gloo's "Connection closed
+  by peer", NaN received from a partner) under ``lost/<attempt>``, used when no rank's own code
+  failed.
+
+``describe`` turns the launcher's ``ChildFailedError`` into ``rank 1: ValueError: ... (worker
+log: ...)`` from those reports, falling back on torch's summary.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from gossipgrad.errors import NonFiniteError, PeerError
+
+STORE_ENV = "GOSSIPGRAD_FAILURE_STORE"
+_KEY = "gossipgrad/failure/{kind}/{attempt}"
+_LOST_PEER = re.compile(
+    r"Connection (closed|reset) by peer|Broken pipe|connectFullMesh|Socket Timeout|"
+    r"failed to recv|failed to send",
+    re.IGNORECASE,
+)
+
+
+class RunFailed(RuntimeError):
+    """A run of workers failed; the message names the rank that failed first and why."""
+
+
+def one_line(error: BaseException) -> str:
+    """``ValueError: the first line of its message`` (C++ errors append stack traces)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else "(no message)"
+    return f"{type(error).__name__}: {text[:500]}"
+
+
+def lost_a_peer(error: BaseException) -> bool:
+    """Whether ``error`` only says that another rank went away or sent NaN."""
+    if isinstance(error, (PeerError, dist.DistError)):
+        return True
+    if isinstance(error, NonFiniteError):
+        return "received from rank" in str(error)
+    return isinstance(error, RuntimeError) and bool(_LOST_PEER.search(str(error)))
+
+
+def report(error: BaseException) -> None:
+    """Record this rank's failure in the launcher's store, if there is one (first report of each
+    kind wins); never raises."""
+    address = os.environ.get(STORE_ENV)
+    if not address:
+        return
+    host, _, port = address.rpartition(":")
+    kind = "lost" if lost_a_peer(error) else "own"
+    key = _KEY.format(kind=kind, attempt=os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    rank = os.environ.get("RANK", "0")
+    try:
+        store = dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=5))
+        store.compare_set(key, "", f"{rank}\n{one_line(error)}")
+    except Exception:  # noqa: BLE001, S110 - the launcher still has torch's own summary
+        pass
+
+
+def describe(error: Any, store: dist.Store, max_restarts: int) -> str:
+    """One line for the launcher's ``ChildFailedError``: the rank whose own code failed first in
+    the last attempt, else the first rank that lost a peer, else torch's first failure."""
+    attempt = _attempt(error, max_restarts)
+    for kind in ("own", "lost"):
+        key = _KEY.format(kind=kind, attempt=attempt)
+        if store.check([key]):
+            rank, text = store.get(key).decode().split("\n", 1)
+            return f"rank {rank}: {text}{_log_of(error, int(rank))}"
+    rank, failure = error.get_first_failure()
+    message = failure.message
+    if isinstance(message, dict):
+        message = message.get("message", "")
+    lines = str(message).strip().splitlines()
+    detail = lines[-1] if lines else f"exit code {failure.exitcode}"
+    return f"rank {rank}: {detail}{_log_of(error, rank)}"
+
+
+def _attempt(error: Any, max_restarts: int) -> int:
+    """The restart attempt that failed (its number is in the workers' log folders)."""
+    for failure in error.failures.values():
+        found = re.search(r"attempt_(\d+)", str(failure.error_file))
+        if found:
+            return int(found.group(1))
+    return max_restarts
+
+
+def _log_of(error: Any, rank: int) -> str:
+    """`` (worker log: FILE)`` for ``rank``: its error file, also when the launcher stopped it
+    before noting its failure (the files of one attempt are ``attempt_N/<local rank>/``)."""
+    failure = error.failures.get(rank)
+    if failure is not None:
+        return f" (worker log: {failure.error_file})"
+    for other in error.failures.values():
+        guess = Path(other.error_file).parent.parent / str(rank) / "error.json"
+        if guess.is_file():
+            return f" (worker log: {guess})"
+    return ""

@@ -1,0 +1,268 @@
+"""``gossipgrad train`` after its options are parsed: checks, the run folder's lock, the local
+workers, the comparison.
+
+``train_command(cfg)`` checks everything that can be checked before a worker starts (exit 2 with
+one line: the dataset and model, the schedule against ``--nproc``, ``--device cuda`` without a
+GPU, what ``--resume`` names, flags that a resumed run cannot change), locks the run folder (a
+second run on the same ``--out`` exits 2 at once), then starts ``--nproc`` worker processes per
+algorithm through torch's own launcher (``torch.distributed.launcher.api.elastic_launch``).
+
+Everything listens on the loopback interface only: the rendezvous store and the workers' store
+are bound to 127.0.0.1 and gloo to the loopback device. A failed run is reported in one line
+naming the rank whose own code failed first (each worker records its failure in the rendezvous
+store; a rank that only lost its connection to a failed peer records nothing there); SIGTERM
+exits 143 and Ctrl-C 130, without worker tracebacks. The launcher's log folder is removed after a
+successful run and named after a failed one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+from gossipgrad.schedule import partners
+from gossipgrad.train import failures, report, run_state
+from gossipgrad.train.config import TrainConfig
+from gossipgrad.train.data import load_dataset
+from gossipgrad.train.lock import RunBusyError, run_lock
+from gossipgrad.train.models import build_model, default_model
+from gossipgrad.train.worker import default_out, worker
+
+
+def train_command(cfg: TrainConfig) -> int:
+    """Check, lock, run each algorithm of ``cfg`` on local workers, print the comparison;
+    returns the exit status."""
+    # The parent never computes with more than one thread: OpenMP threads alive at fork time
+    # deadlock the forked workers' first parallel region (`--nproc 1` hung in a futex).
+    torch.set_num_threads(1)
+    out = Path(default_out(cfg))
+    cfg = replace(cfg, out=str(out))
+    problem = preflight(cfg)
+    if problem:
+        return _error(problem, 2)
+    try:
+        with run_lock(out):
+            return _train_locked(cfg, out)
+    except RunBusyError as error:
+        return _error(str(error), 2)
+
+
+def _train_locked(cfg: TrainConfig, out: Path) -> int:
+    began = time.perf_counter()
+    for algo in cfg.algos():
+        try:
+            launch(replace(cfg, algo=algo))
+        except failures.RunFailed as error:
+            return _error(f"{algo} run failed: {error}", 1)
+        except KeyboardInterrupt:
+            sys.stderr.write(f"gossipgrad: interrupted during the {algo} run; see {out}\n")
+            return 128 + signal.SIGINT
+        except SignalException as error:
+            name = signal.Signals(error.sigval).name
+            sys.stderr.write(f"gossipgrad: stopped by {name} during the {algo} run; see {out}\n")
+            return 128 + error.sigval
+    summary = report.write_report(out)
+    print(f"\n{summary['table']}")
+    print(
+        f"\nrun folder {out} (report.png, summary.json, <algo>/model.pt, metrics.jsonl); "
+        f"total {time.perf_counter() - began:.0f} s"
+    )
+    return 0
+
+
+def _error(message: str, status: int) -> int:
+    sys.stderr.write(f"gossipgrad: error: {message}\n")
+    return status
+
+
+# --- before any worker starts -------------------------------------------------------------------
+
+
+def preflight(cfg: TrainConfig) -> str | None:
+    """The first problem that can be found before any worker starts, as one line, or None.
+    Builds the dataset and model once (forked workers also inherit what this imported)."""
+    try:
+        model = _check_data_and_model(cfg)
+        _check_schedule(cfg)
+        _check_device(cfg)
+        for algo in cfg.algos():
+            run_state.check_resume(cfg, algo, model)
+    except (_Refused, run_state.ResumeError) as error:
+        return str(error)
+    return None
+
+
+class _Refused(ValueError):
+    """A check before launch failed; the message is the one line to print."""
+
+
+def _check_data_and_model(cfg: TrainConfig) -> str:
+    """The model's name (``auto`` resolved), once the dataset and the model could be built."""
+    try:
+        _, _, info = load_dataset(cfg.dataset, seed=cfg.seed)
+    except ValueError as error:
+        raise _Refused(f"--dataset {cfg.dataset}: {error}") from None
+    model = default_model(info) if cfg.model == "auto" else cfg.model
+    try:
+        build_model(model, info)
+    except ValueError as error:
+        raise _Refused(f"--model {cfg.model}: {error}") from None
+    return model
+
+
+def _check_schedule(cfg: TrainConfig) -> None:
+    if not {"gossip", "hierarchical"} & set(cfg.algos()):
+        return
+    try:
+        partners(0, 0, cfg.nproc, cfg.seed, cfg.schedule)
+    except ValueError as error:
+        raise _Refused(f"--schedule {cfg.schedule} with --nproc {cfg.nproc}: {error}") from None
+
+
+def _check_device(cfg: TrainConfig) -> None:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise _Refused("--device cuda: no CUDA device is available here; use --device cpu")
+
+
+# --- the workers --------------------------------------------------------------------------------
+
+
+def launch(cfg: TrainConfig) -> dict[str, Any]:
+    """Run ``gossipgrad.train.worker(cfg)`` on ``cfg.nproc`` local processes with torch's elastic
+    launcher (restarting failed workers up to ``cfg.max_restarts`` times); return rank 0's
+    result. Raises ``failures.RunFailed`` naming the rank that failed first."""
+    start_method = "fork" if sys.platform == "linux" else "spawn"
+    if start_method == "fork":
+        _preload(cfg)
+    env = {
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",  # workers host their own store, on loopback
+        "OMP_NUM_THREADS": os.environ.get(
+            "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.nproc))
+        ),
+    }
+    loopback = _loopback_interface()
+    if loopback is not None and "GLOO_SOCKET_IFNAME" not in os.environ:
+        env["GLOO_SOCKET_IFNAME"] = loopback
+    logs = tempfile.mkdtemp(prefix="gossipgrad-logs-")
+    with loopback_store(cfg.timeout_s) as (store, port):
+        env[failures.STORE_ENV] = f"127.0.0.1:{port}"
+        config = LaunchConfig(
+            min_nodes=1,
+            max_nodes=1,
+            nproc_per_node=cfg.nproc,
+            rdzv_backend="c10d",
+            rdzv_endpoint=f"127.0.0.1:{port}",
+            rdzv_configs={"is_host": False},  # the store above is the host
+            run_id=f"gossipgrad-{uuid.uuid4().hex[:8]}",
+            max_restarts=cfg.max_restarts,
+            start_method=start_method,
+            local_addr="127.0.0.1",
+            monitor_interval=0.1,
+            logs_specs=DefaultLogsSpecs(log_dir=logs),
+        )
+        with _environment(env), _quiet_launcher():
+            try:
+                results = elastic_launch(config, worker)(cfg, False)
+            except ChildFailedError as error:
+                raise failures.RunFailed(
+                    failures.describe(error, store, cfg.max_restarts)
+                ) from None
+    shutil.rmtree(logs, ignore_errors=True)  # kept when the run failed: its error files are there
+    return results[0]
+
+
+@contextlib.contextmanager
+def _quiet_launcher() -> Iterator[None]:
+    """The elastic launcher logs every failed worker's traceback and every signal it forwards;
+    ``train_command`` reports the root cause in a line instead (the full traceback stays in the
+    worker's error file)."""
+    names = (
+        "torch.distributed.elastic.multiprocessing.api",
+        "torch.distributed.elastic.agent.server.api",
+    )
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _preload(cfg: TrainConfig) -> None:
+    """Import once, here, the heavy modules every worker needs (forked workers inherit them):
+    scikit-learn for digits, DDP's torch._dynamo, DCP, matplotlib for the report."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot  # noqa: F401
+    import torch._dynamo  # noqa: F401
+    import torch.distributed.checkpoint  # noqa: F401
+
+    if cfg.dataset == "digits":
+        import sklearn.datasets  # noqa: F401
+        import sklearn.model_selection  # noqa: F401
+
+
+@contextlib.contextmanager
+def loopback_store(timeout_s: float) -> Iterator[tuple[dist.TCPStore, int]]:
+    """A TCPStore for the rendezvous on a free port of 127.0.0.1, and its port (a TCPStore binds
+    every interface unless handed a socket that is already bound)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    store = dist.TCPStore(
+        "127.0.0.1",
+        port,
+        is_master=True,
+        timeout=timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+        master_listen_fd=listener.detach(),
+    )
+    try:
+        yield store, port
+    finally:
+        del store
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the workers, and restore the previous values after."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _loopback_interface() -> str | None:
+    names = (
+        {name for _, name in socket.if_nameindex()} if hasattr(socket, "if_nameindex") else set()
+    )
+    return next((name for name in ("lo", "lo0") if name in names), None)

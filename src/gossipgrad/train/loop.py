@@ -1,0 +1,410 @@
+"""One rank's training loop, as a small object, on a process group that is already initialised.
+
+    loop = TrainingLoop(cfg, "gossip")   # setup: data, model, wrapper, optimizer, sampler, resume
+    summary = loop.run()                 # every step and its periodic hooks, then finish()
+
+After each ``step`` come the periodic hooks: a metrics ``record`` every ``--log-every`` steps
+(and whenever the consensus distance is due), an ``evaluate`` of the replicas' exact average on
+the held-out split every ``--eval-every`` epochs, and a checkpoint (``save``) every
+``--checkpoint-every`` steps. The ``Stopwatch`` measures training time and pauses while
+evaluating, so the ``time`` of every record never counts evaluations. ``finish`` averages the
+replicas exactly, evaluates the average, and (rank 0) writes ``<out>/<algo>/``: ``model.pt`` (a
+``state_dict``), ``summary.json`` and the end of ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from gossipgrad import DataParallel, checkpoint, wrap
+from gossipgrad.train import report, run_state
+from gossipgrad.train.config import TrainConfig, flag
+from gossipgrad.train.data import load_dataset
+from gossipgrad.train.evaluation import evaluate
+from gossipgrad.train.metrics import Meter, MetricsLog
+from gossipgrad.train.models import build_model, default_model, task_loss
+from gossipgrad.train.run_state import Progress
+from gossipgrad.train.sampling import make_sampler
+
+MODEL_FILE = "model.pt"
+SUMMARY_FILE = "summary.json"
+
+
+def train(cfg: TrainConfig, algo: str) -> dict[str, Any]:
+    """Train with ``algo`` on the initialised default process group and return the run's summary
+    (the same on every rank). ``cfg.out`` must be set."""
+    return TrainingLoop(cfg, algo).run()
+
+
+class Stopwatch:
+    """Training time in seconds: starts at ``offset`` (the time a checkpoint carried over) and
+    stands still inside ``paused()``."""
+
+    def __init__(self, offset: float = 0.0) -> None:
+        self._origin = time.perf_counter() - offset
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._origin
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        stopped = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._origin += time.perf_counter() - stopped
+
+
+class TrainingLoop:
+    """Everything one rank trains with, and the steps and hooks of a run (module docstring)."""
+
+    def __init__(self, cfg: TrainConfig, algo: str) -> None:
+        self.cfg, self.algo = cfg, algo
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.run_dir = Path(cfg.out) / algo
+        self.checkpoints = self.run_dir / "checkpoints"
+        self._prepare_folder()
+        self.device = pick_device(cfg)
+        seed_everything(cfg.seed)  # same model initialisation on every rank
+        self.train_set, self.test_set, self.info = load_dataset(cfg.dataset, seed=cfg.seed)
+        self.model_name = default_model(self.info) if cfg.model == "auto" else cfg.model
+        self.module = build_model(self.model_name, self.info).to(self.device)
+        self.scratch = self._scratch_module()  # before wrap() adds hooks to the module
+        self.model: DataParallel = wrap(self.module, algo, cfg.gossip_options())
+        self.optimizer = make_optimizer(cfg, self.module)
+        self.sampler = make_sampler(cfg, algo, self.train_set)
+        self.loader = DataLoader(
+            self.train_set,
+            batch_size=cfg.batch_size,
+            sampler=self.sampler,  # type: ignore[arg-type]
+            drop_last=True,
+            generator=torch.Generator(),  # leaves the global RNG alone (exact resume)
+        )
+        self.steps_per_epoch = self._steps_per_epoch()
+        seed_everything(cfg.seed + 1 + self.rank)  # this rank's own stream (dropout, augmentation)
+        self.identity = {"algo": algo, "dataset": cfg.dataset, "model": self.model_name}
+        self.progress = Progress(meter=Meter(self.device))
+        self.resumed = run_state.resume(self)
+        apply_optimizer_settings(cfg, self.optimizer)  # the flags win over the checkpoint's
+        self.watch = Stopwatch(self.progress.elapsed_s)
+        self.progress.meter.started = self.progress.elapsed_s
+        self.total_steps = self._total_steps()
+        self.last_saved = self.progress.step if self.resumed else -1
+        self._announce()
+        self.log = self._open_log() if self.rank == 0 else None
+
+    # --- the run --------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Train until ``total_steps``, then ``finish``; returns the summary."""
+        progress = self.progress
+        while progress.step < self.total_steps:
+            self.sampler.set_epoch(progress.epoch)
+            for x, y in self.loader:
+                self.step(x, y)
+                self.after_step()
+                if progress.step >= self.total_steps:
+                    break
+            else:
+                progress.epoch += 1
+        return self.finish()
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One training step on this rank's batch ``(x, y)``."""
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        output = self.model(x)
+        loss = task_loss(output, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.progress.step += 1
+        self.progress.bytes_sent += self.model.bytes_sent_last_step
+        self.progress.meter.add(loss, output, y)
+        if self.log is not None:
+            self.log.advance()
+
+    def after_step(self) -> None:
+        """The periodic hooks that are due after this step."""
+        step, cfg = self.progress.step, self.cfg
+        if step % cfg.log_every == 0 or self._consensus_due():
+            self.record()
+        if self._eval_due():
+            self.evaluate()
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            self.save()
+
+    # --- hooks ----------------------------------------------------------------------------------
+
+    def record(self) -> None:
+        """One metrics record: the loss and accuracy since the last one over all ranks, the
+        consensus distance if due, samples per second (collective)."""
+        progress = self.progress
+        totals = progress.meter.reduce()
+        now = self.watch.elapsed()
+        entry = {
+            "step": progress.step,
+            "epoch": progress.epoch,
+            "time": now,
+            "loss": totals.loss,
+            "acc": totals.acc,
+            "consensus": self.model.consensus_distance() if self._consensus_due() else None,
+            "samples_per_s": totals.samples / max(now - progress.meter.started, 1e-9),
+        }
+        progress.meter = Meter(self.device, started=now)
+        self._log(entry)
+
+    def evaluate(self) -> None:
+        """Held-out loss and accuracy of the replicas' exact average, evaluated in the scratch
+        copy (or in the module itself when the replicas are identical); the replicas are left as
+        they are, and the stopwatch stands still meanwhile (collective)."""
+        self.model.flush()  # the exchange in flight is training time; the next forward waits
+        started = self.watch.elapsed()
+        with self.watch.paused():
+            began = time.perf_counter()
+            if self.scratch is not None:
+                self.model.average_replicas(into=self.scratch)
+            target = self.model.module if self.scratch is None else self.scratch
+            test_loss, test_acc = evaluate(target, self.test_set, batch_size=self._eval_batch())
+            entry = {
+                "step": self.progress.step,
+                "epoch": self.progress.epoch + 1,  # at the end of an epoch, before it moves on
+                "time": started,
+                "test_loss": test_loss,
+                "test_acc": test_acc,
+                "eval_s": time.perf_counter() - began,
+            }
+        self._log(entry)
+
+    def save(self) -> None:
+        """A checkpoint of every replica and of the run's progress (collective)."""
+        self.progress.elapsed_s = self.watch.elapsed()
+        run_state.save(self)
+        self.last_saved = self.progress.step
+
+    def finish(self) -> dict[str, Any]:
+        """The last exchange, the last checkpoint, the exact average and its evaluation, the
+        summary; rank 0 writes the model and the summary. Returns the summary (every rank)."""
+        self.model.flush()  # the last exchange is training time too
+        self.progress.elapsed_s = self.watch.elapsed()
+        if self.cfg.checkpoint_every and self.last_saved != self.progress.step:
+            run_state.save(self)
+        summary = self._summarise()
+        self.sampler.flush()
+        if self.log is not None:
+            if self.cfg.eval_every:
+                self.log.record(self._final_eval_record(summary))
+            self.log.close()
+            report.write_json(self.run_dir / SUMMARY_FILE, summary)
+            weights = {k: v.cpu() for k, v in self.module.state_dict().items()}
+            torch.save(weights, self.run_dir / MODEL_FILE)
+            if not self.cfg.quiet:
+                print(
+                    f"{self.algo}: test accuracy {summary['test_accuracy']:.2%} (averaged model) "
+                    f"after {summary['train_time_s']:.1f} s -> {self.run_dir / MODEL_FILE}",
+                    flush=True,
+                )
+        dist.barrier()
+        return summary
+
+    # --- pieces ---------------------------------------------------------------------------------
+
+    def _summarise(self) -> dict[str, Any]:
+        """Average the replicas exactly, evaluate the average, and summarise the run."""
+        cfg, progress, world = self.cfg, self.progress, self.world
+        self.model.flush()
+        consensus = self.model.consensus_distance()
+        began = time.perf_counter()
+        self.model.average_replicas()
+        test_loss, test_acc = evaluate(self.module, self.test_set, batch_size=self._eval_batch())
+        eval_s = time.perf_counter() - began
+        sent = torch.tensor([float(progress.bytes_sent)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(sent)
+        train_records = [r for r in progress.history if r.get("loss") is not None]
+        samples = progress.step * cfg.batch_size * world
+        summary = {
+            "algo": self.algo,
+            "world_size": world,
+            "steps": progress.step,
+            "train_time_s": progress.elapsed_s,
+            "samples_per_s": samples / max(progress.elapsed_s, 1e-9),
+            "test_accuracy": test_acc,
+            "test_loss": test_loss,
+            "eval_s": eval_s,
+            "train_loss": train_records[-1]["loss"] if train_records else None,
+            "bytes_per_rank_per_step": sent.item() / world / max(progress.step, 1),
+            "consensus_distance": consensus,
+            "consensus_warnings": sum("warning" in r for r in progress.history),
+            "run_dir": str(self.run_dir),
+            "config": cfg.to_dict(),
+            "dataset": self.info.name,
+            "model": self.model_name,
+            "epochs": round(progress.step / self.steps_per_epoch, 3),
+            **self._resume_record(),
+        }
+        box = [summary]
+        dist.broadcast_object_list(box, src=0)  # rank 0's timings and history for everyone
+        return box[0]
+
+    def _resume_record(self) -> dict[str, Any]:
+        resumed = self.resumed
+        if resumed is None:
+            return {"resumed_from": None}
+        return {
+            "resumed_from": str(resumed.path),
+            "resumed_world_size": resumed.world_size,
+            "resumed_changes": resumed.changes,
+        }
+
+    def _final_eval_record(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """The end-of-run evaluation (``_summarise``'s) as a record like ``evaluate``'s."""
+        return {
+            "step": self.progress.step,
+            "epoch": summary["epochs"],
+            "time": self.progress.elapsed_s,
+            "test_loss": summary["test_loss"],
+            "test_acc": summary["test_accuracy"],
+            "eval_s": summary["eval_s"],
+        }
+
+    def _log(self, entry: dict[str, Any]) -> None:
+        if self.log is not None:
+            self.log.record(entry)
+            self.progress.history = self.log.history
+
+    def _consensus_due(self) -> bool:
+        every = self.cfg.consensus_every
+        return every > 0 and self.progress.step % every == 0
+
+    def _eval_due(self) -> bool:
+        """Every ``eval_every`` epochs, except at the last step: ``finish`` evaluates there."""
+        period = self.cfg.eval_every * self.steps_per_epoch
+        step = self.progress.step
+        return period > 0 and step < self.total_steps and step % period == 0
+
+    def _eval_batch(self) -> int:
+        return max(256, self.cfg.batch_size)
+
+    def _scratch_module(self) -> torch.nn.Module | None:
+        """A copy of the module to evaluate the replicas' average in, with ``--eval-every``;
+        None when there is nothing to evaluate periodically, or the replicas are identical
+        (all-reduce)."""
+        if not self.cfg.eval_every or self.algo == "allreduce":
+            return None
+        return copy.deepcopy(self.module)
+
+    def _steps_per_epoch(self) -> int:
+        steps = len(self.sampler) // self.cfg.batch_size
+        if steps == 0:
+            raise ValueError(
+                f"--batch-size {self.cfg.batch_size} is larger than a rank's share of the "
+                f"training set ({len(self.sampler)} samples at {self.world} ranks): lower "
+                "--batch-size"
+            )
+        return steps
+
+    def _total_steps(self) -> int:
+        """The step to stop at: the end of ``--epochs`` counted from where the sampler stands
+        (after a resume on another world size too), capped by ``--max-steps``."""
+        step, epoch = self.progress.step, self.progress.epoch
+        left_in_epoch = (
+            len(self.sampler) - self.sampler.state_dict()["yielded"]
+        ) // self.cfg.batch_size
+        total = step + left_in_epoch + (self.cfg.epochs - epoch - 1) * self.steps_per_epoch
+        total = min(total, self.cfg.max_steps) if self.cfg.max_steps else total
+        return max(total, step)
+
+    def _prepare_folder(self) -> None:
+        """Refuse to mix two runs' checkpoints; clear what an interrupted save left (the run
+        holds the folder's lock, so no save is running there)."""
+        run_state.check_fresh_start(self.cfg, self.checkpoints)
+        if self.rank == 0:
+            checkpoint.remove_partial(self.checkpoints)
+        if self.world > 1:
+            dist.barrier()
+
+    def _announce(self) -> None:
+        if self.rank != 0 or self.cfg.quiet:
+            return
+        params = sum(p.numel() for p in self.module.parameters())
+        ranks = f"{self.world} rank{'' if self.world == 1 else 's'}"
+        data = f"{self.info.name} ({len(self.train_set)} train / {len(self.test_set)} test)"  # type: ignore[arg-type]
+        steps = f"{self.total_steps} steps of {self.cfg.batch_size} per rank"
+        print(
+            f"{self.algo}: {ranks}, {data}, {self.model_name} ({params:,} parameters), "
+            f"{steps} -> {self.run_dir}"
+        )
+        if self.resumed is not None:
+            print(f"{self.algo}: {self._resume_line(self.resumed)}")
+
+    def _resume_line(self, resumed: run_state.Resumed) -> str:
+        line = f"resumed at step {self.progress.step} from {resumed.path}"
+        if resumed.world_size != self.world:
+            line += (
+                f", written by {resumed.world_size} ranks: every rank starts from the exact "
+                f"average of the {resumed.world_size} replicas (optimizer state averaged too, "
+                "sampler re-sharded)"
+            )
+        changes = ", ".join(
+            f"{flag(k)} {old} -> {new}" for k, (old, new) in resumed.changes.items()
+        )
+        return line + (f"; changed: {changes}" if changes else "")
+
+    def _open_log(self) -> MetricsLog:
+        return MetricsLog(
+            self.run_dir,
+            algo=self.algo,
+            total_steps=self.total_steps,
+            start_step=self.progress.step,
+            history=self.progress.history,
+            quiet=self.cfg.quiet,
+            tensorboard=self.cfg.tensorboard,
+            consensus_warn=self.cfg.consensus_warn,
+        )
+
+
+def pick_device(cfg: TrainConfig) -> torch.device:
+    """``--device``: cuda (this rank's GPU by LOCAL_RANK), cpu, or auto (cuda if available)."""
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if not use_cuda:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available; use --device cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return torch.device("cuda", local % torch.cuda.device_count())
+
+
+def optimizer_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The hyperparameters of ``--optimizer`` that the flags set (also re-applied on resume)."""
+    if cfg.optimizer == "sgd":
+        return {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
+    return {"lr": cfg.lr, "betas": (cfg.momentum, 0.999), "weight_decay": cfg.weight_decay}
+
+
+def make_optimizer(cfg: TrainConfig, module: torch.nn.Module) -> torch.optim.Optimizer:
+    kinds = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    return kinds[cfg.optimizer](module.parameters(), **optimizer_settings(cfg))
+
+
+def apply_optimizer_settings(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> None:
+    """Set the flags' hyperparameters in every parameter group (``load_state_dict`` brings back
+    the checkpoint's, and a resumed run may change them)."""
+    for group in optimizer.param_groups:
+        group.update(optimizer_settings(cfg))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
