@@ -58,12 +58,15 @@ from gossipgrad.errors import NonFiniteError, PeerError
 from gossipgrad.mixing import (
     Bucket,
     constant_buffers,
+    grads_of,
     is_finite,
     make_buckets,
     mix_,
     mix_residual_,
     pack_,
     replica_tensors,
+    track_,
+    tracked_parameters,
 )
 from gossipgrad.options import GossipOptions
 from gossipgrad.schedule import Exchange, plan
@@ -116,6 +119,11 @@ class GossipDataParallel(nn.Module, Joinable):
         _setup.check_device(module, self.group)
         _setup.check_same_model(module, self.group, o.timeout)
         self._constants = constant_buffers(module)
+        # gradient tracking: the tracked parameters, their trackers y and last gradients
+        self._tracked = tracked_parameters(module)
+        tracking = o.tracking and self.world_size > 1
+        self._trackers = [torch.zeros_like(p) for p in self._tracked] if tracking else []
+        self._last_grads = [torch.zeros_like(p) for p in self._trackers]
         if not ddp.get("broadcast_buffers", True):  # float buffers stay local, as DDP's do
             self._constants |= {n for n, _ in module.named_buffers()}
         cap = o.bucket_cap_bytes
@@ -169,6 +177,8 @@ class GossipDataParallel(nn.Module, Joinable):
             self._exchange_grads(t, zeros=joined)
         elif cadence.exchange_ends(t, o.gossip_every):
             self.flush()
+        if self._trackers and not joined:
+            track_(grads_of(self._tracked), self._trackers, self._last_grads)
         if cadence.average_due(t, o.average_every):
             self.average_replicas()
 
@@ -343,10 +353,11 @@ class GossipDataParallel(nn.Module, Joinable):
         return replica_tensors(self.module, self._constants)
 
     def _mixed_tensors(self) -> list[torch.Tensor]:
-        """What gossip mixes: the replica, or only the parameters (gradients mode)."""
+        """What gossip mixes: the replica (and the gradient trackers), or only the parameters
+        (gradients mode)."""
         if self.options.mode == "gradients":
             return [p for p in self.module.parameters() if p.is_floating_point()]
-        return self._replicas()
+        return self._replicas() + self._trackers
 
     def _check_finite(self, flat: torch.Tensor, source: int, step: int) -> bool:
         """Whether ``flat``, received from ``source``, is finite (else raise or warn)."""

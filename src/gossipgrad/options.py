@@ -60,6 +60,11 @@ class GossipOptions:
             exchange travels during the ``K`` steps); ``params`` mode.
         average_every: every ``H`` steps, replace every replica by the exact average (one
             all-reduce; Gossip-PGA); 0: never.
+        tracking: gradient tracking (DIGing / NEXT): each rank also gossips ``y``, its estimate
+            of the average gradient (``y <- W y + g_t - g_{t-1}``, so the mean of the ``y`` is
+            the mean gradient), and its optimizer steps along ``y`` instead of its own
+            gradient. For data that differs between ranks (label skew), and adaptive or
+            orthogonalizing optimizers (AdamW, Muon). Twice the bytes per exchange.
     """
 
     sync: bool = False
@@ -73,6 +78,7 @@ class GossipOptions:
     streams: int = 1
     gossip_every: int = 1
     average_every: int = 0
+    tracking: bool = False
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -113,8 +119,9 @@ def check_timeout(timeout: object) -> None:
 
 
 def _validate(o: GossipOptions) -> None:
-    if not isinstance(o.sync, bool):
-        raise ValueError(f"sync must be True or False, got {o.sync!r}")
+    for name in ("sync", "tracking"):
+        if not isinstance(getattr(o, name), bool):
+            raise ValueError(f"{name} must be True or False, got {getattr(o, name)!r}")
     if o.mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {o.mode!r}")
     if o.schedule not in SCHEDULES:
@@ -137,6 +144,8 @@ def _validate(o: GossipOptions) -> None:
         value = getattr(o, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if o.tracking and o.mode != "params":
+        raise ValueError("tracking=True needs mode='params' (it gossips parameters and trackers)")
     if o.gossip_every > 1 and o.mode != "params":
         raise ValueError(
             f"gossip_every={o.gossip_every} needs mode='params' (local steps between exchanges "

@@ -43,11 +43,14 @@ from gossipgrad import cadence
 from gossipgrad._shuffle_plan import label_skew_shards, simulate, strided_shard
 from gossipgrad.mixing import (
     Bucket,
+    grads_of,
     make_buckets,
     mix_,
     mix_residual_,
     pack_,
     replica_tensors,
+    track_,
+    tracked_parameters,
 )
 from gossipgrad.options import GossipOptions
 from gossipgrad.schedule import Exchange, plan
@@ -88,9 +91,14 @@ class VirtualCluster:
         self.step = 0
         self.replicas = [copy.deepcopy(module) for _ in range(world_size)]
         self.optimizers = [make_optimizer(r.parameters()) for r in self.replicas]
+        # gradient tracking (as GossipDataParallel): per replica, its trackers and last gradients
+        tracking = o.tracking and world_size > 1
+        tracked = [tracked_parameters(r) for r in self.replicas] if tracking else []
+        self._trackers = [[torch.zeros_like(p) for p in ps] for ps in tracked]
+        self._last_grads = [[torch.zeros_like(p) for p in ps] for ps in tracked]
         cap = o.bucket_cap_bytes
         self._buckets: list[list[Bucket]] = [
-            make_buckets(self._mixed(r), cap) for r in self.replicas
+            make_buckets(self._mixed(i), cap) for i in range(world_size)
         ]
         self._pending: list[Exchange] | None = None  # overlapped: the exchange of the last step
 
@@ -116,6 +124,10 @@ class VirtualCluster:
             losses.append(loss.item())
         if cadence.exchange_ends(self.step, o.gossip_every):
             self.flush()  # the end of backward: mix what was received
+        for replica, trackers, last in zip(
+            self.replicas, self._trackers, self._last_grads, strict=False
+        ):
+            track_(grads_of(tracked_parameters(replica)), trackers, last)
         if self.algo == "gossip" and cadence.average_due(self.step, o.average_every):
             self.average_replicas()
         if self.algo == "allreduce":
@@ -153,15 +165,15 @@ class VirtualCluster:
 
     def _start_params(self) -> None:
         index = cadence.exchange_index(self.step, self.options.gossip_every)
-        self._pending = self._exchange([self._mixed(r) for r in self.replicas], index)
+        self._pending = self._exchange([self._mixed(i) for i in range(self.world_size)], index)
 
     def _finish(self) -> None:
         assert self._pending is not None
         plans, self._pending = self._pending, None
-        for replica, buckets, ex in zip(self.replicas, self._buckets, plans, strict=True):
+        for i, (buckets, ex) in enumerate(zip(self._buckets, plans, strict=True)):
             if ex.recv_from is None:
                 continue
-            tensors = self._mixed(replica)
+            tensors = self._mixed(i)
             for b in buckets:
                 mix_residual_([tensors[i] for i in b.indices], b.send, b.recv, ex.weight)
 
@@ -210,11 +222,12 @@ class VirtualCluster:
         for replica in self.replicas[1:] if first else []:
             torch._foreach_copy_(list(replica.buffers()), first)
 
-    def _mixed(self, replica: nn.Module) -> list[torch.Tensor]:
-        """What gossip exchanges, as ``GossipDataParallel._mixed_tensors``."""
+    def _mixed(self, i: int) -> list[torch.Tensor]:
+        """What replica ``i`` exchanges, as ``GossipDataParallel._mixed_tensors``."""
+        replica = self.replicas[i]
         if self.mode == "gradients" or self.algo == "allreduce":
             return list(replica.parameters())
-        return replica_tensors(replica)
+        return replica_tensors(replica) + (self._trackers[i] if self._trackers else [])
 
     # --- replicas ------------------------------------------------------------------------------
 

@@ -1,0 +1,100 @@
+"""Gradient tracking (``tracking=True``): the trackers' mean is the mean gradient at every step,
+the virtual cluster tracks exactly as the engine, and on label-skewed shards tracking brings
+AdamW under gossip close to all-reduce's accuracy where plain gossip falls far short (even an
+exact average of the parameters every step does not help there: each rank's AdamW normalizes its
+own skewed gradient)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from _dist import run_world
+from _toy import batch, flat, toy_model
+from torch import nn
+
+from gossipgrad import GossipDataParallel
+from gossipgrad.sim.virtual import VirtualCluster, replica_batches
+
+_STEPS = 8
+
+
+def _optimizer(params: object) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9)  # type: ignore[arg-type]
+
+
+def _skewed_batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = batch(rank, step)
+    return x + 2.0 * rank, y  # each rank's data sits elsewhere: its gradients differ
+
+
+def _tracked_mean(rank: int, world: int, every: int) -> tuple[list[float], torch.Tensor]:
+    model = GossipDataParallel(toy_model(batchnorm=False), tracking=True, gossip_every=every)
+    opt = _optimizer(model.parameters())
+    params = list(model.parameters())
+    gaps = []
+    for t in range(_STEPS):
+        x, y = _skewed_batch(rank, t)
+        loss = nn.functional.cross_entropy(model(x), y)
+        local = torch.cat(
+            [g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)]
+        )
+        loss.backward()  # the end of backward puts the tracked direction y in .grad
+        tracked = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(local)
+        dist.all_reduce(tracked)
+        gaps.append((local - tracked).abs().max().item() / local.abs().max().item())
+        opt.step()
+        opt.zero_grad()
+    return gaps, flat(model.module)
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_the_trackers_mean_is_the_mean_gradient_at_every_step(every: int) -> None:
+    for gaps, _ in run_world(_tracked_mean, 3, every):
+        assert max(gaps) < 1e-5, gaps
+
+
+def test_the_virtual_cluster_tracks_as_the_engine() -> None:
+    world = 3
+    engine = run_world(_tracked_mean, world, 1)
+    cluster = VirtualCluster(toy_model(batchnorm=False), world, _optimizer, tracking=True)
+    for t in range(_STEPS):
+        batches = [_skewed_batch(rank, t) for rank in range(world)]
+        cluster.train_step(batches, nn.functional.cross_entropy)
+    for rank, (_, real) in enumerate(engine):
+        assert (flat(cluster.replicas[rank]) - real).abs().max().item() < 1e-5
+
+
+def _accuracy(algo: str, tracking: bool, world: int = 4) -> float:
+    """AdamW on label-skewed shards (each replica sees a few classes) in the virtual cluster;
+    accuracy of the averaged model on held-out data."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(12, 6, generator=g)
+    x = torch.randn(4000, 12, generator=g)
+    y = (x @ w).argmax(1)
+    xt, yt, x, y = x[:1000], y[:1000], x[1000:], y[1000:]
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 6))
+    cluster = VirtualCluster(
+        module,
+        world,
+        lambda ps: torch.optim.AdamW(ps, lr=3e-3),
+        algo=algo,
+        **({"tracking": tracking} if algo == "gossip" else {}),
+    )
+    for _, ids in replica_batches(y, world, epochs=6, batch_size=16, partition="label-skew"):
+        cluster.train_step([(x[i], y[i]) for i in ids], nn.functional.cross_entropy)
+    cluster.average_replicas()
+    with torch.no_grad():
+        return (cluster.replicas[0](xt).argmax(1) == yt).float().mean().item()
+
+
+def test_tracking_brings_adamw_on_skewed_shards_close_to_allreduce() -> None:
+    # measured: all-reduce 0.941, tracking 0.910, plain gossip 0.687 (4 replicas, 6 epochs)
+    allreduce = _accuracy("allreduce", False)
+    plain = _accuracy("gossip", False)
+    tracked = _accuracy("gossip", True)
+    assert allreduce > 0.8, "the task must be learnable for the comparison to mean anything"
+    assert tracked >= allreduce - 0.04, (tracked, allreduce, plain)
+    assert tracked > plain + 0.15, (tracked, plain)
