@@ -21,8 +21,10 @@ def _optimizer(params: object) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.05, momentum=0.9)  # type: ignore[arg-type]
 
 
-def _run(rank: int, world: int, every: int, average: int) -> tuple:
-    model = GossipDataParallel(toy_model(), gossip_every=every, average_every=average)
+def _run(rank: int, world: int, every: int, average: int, wire: torch.dtype | None = None) -> tuple:
+    model = GossipDataParallel(
+        toy_model(), gossip_every=every, average_every=average, wire_dtype=wire
+    )
     perturb_(model.module, rank)  # replicas differ, so the first mixes mean something
     opt = _optimizer(model.parameters())
     per_step, spreads = [], []
@@ -74,12 +76,13 @@ def test_local_steps_keep_the_average_and_still_reach_consensus() -> None:
         assert end < 0.2 * start
 
 
-def test_the_virtual_cluster_matches_the_engine_under_a_cadence() -> None:
+@pytest.mark.parametrize("wire", [None, torch.int8], ids=["float32", "int8"])
+def test_the_virtual_cluster_matches_the_engine_under_a_cadence(wire: torch.dtype | None) -> None:
     every, average, world = 3, 5, 3
-    engine = run_world(_run, world, every, average)
+    engine = run_world(_run, world, every, average, wire)
     torch.manual_seed(0)
     cluster = VirtualCluster(
-        toy_model(), world, _optimizer, gossip_every=every, average_every=average
+        toy_model(), world, _optimizer, gossip_every=every, average_every=average, wire_dtype=wire
     )
     for rank, replica in enumerate(cluster.replicas):
         perturb_(replica, rank)

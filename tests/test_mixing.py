@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gossipgrad.mixing import make_buckets, mix_residual_, pack_
+from gossipgrad import _quantize
+from gossipgrad.mixing import encode_, make_buckets, mix_residual_, pack_
 
 
 def _setup() -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -33,3 +34,26 @@ def test_a_nonfinite_difference_leaves_the_replica_unchanged(poisoned: str, valu
     before = [t.clone() for t in x]
     assert not mix_residual_(x, sent, received, 0.5, require_finite=True)
     assert all(torch.equal(a, b) for a, b in zip(x, before, strict=True))
+
+
+def test_int8_encoding_is_within_half_a_step_and_a_quarter_of_the_bytes() -> None:
+    values = torch.randn(100_000) * torch.logspace(-3, 0, 100_000)  # scales vary along the tensor
+    encoded = _quantize.encode_(
+        torch.empty(_quantize.encoded_size(values.numel()), dtype=torch.int8), values
+    )
+    decoded = _quantize.decode(encoded, values.numel(), torch.float32)
+    blocks = values.abs().reshape(-1, 4).amax(1)  # coarse bound: each block's own max / 254
+    assert encoded.numel() < 0.26 * values.numel() * 4
+    assert ((decoded - values).abs() <= values.abs().max() / 254 + 1e-12).all()
+    assert blocks.numel() > 0
+    # residual mixing with int8 payloads keeps the pair's sum exactly
+    a, b = torch.randn(1000), torch.randn(1000)
+    buckets = [make_buckets([t], 2**20, torch.int8)[0] for t in (a, b)]
+    for bucket, t in zip(buckets, (a, b), strict=True):
+        encode_(bucket, [t])
+    buckets[0].recv.copy_(buckets[1].send)
+    buckets[1].recv.copy_(buckets[0].send)
+    total = (a + b).double()
+    for bucket, t in zip(buckets, (a, b), strict=True):
+        assert mix_residual_([t], bucket.send, bucket.recv, 0.5, require_finite=True)
+    assert ((a + b).double() - total).abs().max() < 1e-5

@@ -15,7 +15,8 @@ from _dist import run_world
 from _toy import Recorder, batch, fit, flat, perturb_, toy_model, train_steps
 from torch import nn
 
-from gossipgrad import GossipDataParallel, NonFiniteError, PeerError
+from gossipgrad import GossipDataParallel, NonFiniteError, PeerError, _quantize
+from gossipgrad.mixing import replica_tensors
 
 # --- mixing ---------------------------------------------------------------------------------
 
@@ -59,7 +60,7 @@ def test_exact_schedules_reach_the_exact_average(world: int, schedule: str) -> N
         assert end < 1e-6
 
 
-@pytest.mark.parametrize("wire_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("wire_dtype", [torch.bfloat16, torch.float16, torch.int8])
 @pytest.mark.parametrize("sync", [True, False])
 def test_compressed_payloads_still_keep_the_average(wire_dtype: torch.dtype, sync: bool) -> None:
     fn = functools.partial(_mixing_keeps_the_average, wire_dtype=wire_dtype)
@@ -146,6 +147,14 @@ def test_each_step_sends_one_model_to_one_rank_and_receives_from_one(
             assert not [e for e in events if e[0] in Recorder.COLLECTIVES]
         if bucket_cap_mb < 0.001:
             assert len([e for e in steps[0] if e[0] == "isend"]) > 1, "small cap: several buckets"
+
+
+def test_int8_on_the_wire_sends_the_encoding_only() -> None:
+    floats = sum(t.numel() for t in replica_tensors(toy_model()))  # one bucket at 25 MiB
+    for steps, _ in run_world(functools.partial(_traffic, wire_dtype=torch.int8), 2, 25):
+        for events in steps:
+            sent = sum(e[2] for e in events if e[0] == "isend")
+            assert sent == _quantize.encoded_size(floats)  # 1 byte a value + 4 per 256
 
 
 def test_bfloat16_on_the_wire_halves_the_bytes_and_streams_keep_one_partner() -> None:

@@ -58,6 +58,7 @@ from gossipgrad.errors import NonFiniteError, PeerError
 from gossipgrad.mixing import (
     Bucket,
     constant_buffers,
+    encode_,
     grads_of,
     is_finite,
     make_buckets,
@@ -196,7 +197,7 @@ class GossipDataParallel(nn.Module, Joinable):
         ex = self._plan(index)
         inflights = []
         for i, b in enumerate(self._buckets):  # bucket 0 is on the wire while 1 is packed
-            pack_(b.send, [tensors[i] for i in b.indices])
+            encode_(b, [tensors[j] for j in b.indices])
             inflights.append(self._start([b], ex, index, i))
         self.bytes_sent_last_step = self._payload_bytes(ex)
         self._pending = (inflights, ex)

@@ -21,16 +21,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from gossipgrad import _quantize
+
 
 @dataclass
 class Bucket:
     """A group of same-dtype, same-device tensors and two flat buffers the size of their sum:
-    ``send`` holds the snapshot that goes out, ``recv`` what comes in."""
+    ``send`` holds the snapshot that goes out, ``recv`` what comes in. With an int8 wire they
+    hold the encoding (``gossipgrad._quantize``) and ``stage`` the values before encoding."""
 
     indices: list[int]
     send: torch.Tensor
     recv: torch.Tensor
     numels: list[int] = field(default_factory=list)
+    stage: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
@@ -77,7 +81,8 @@ def make_buckets(
 ) -> list[Bucket]:
     """Group ``tensors`` (in order) into buckets of at most ``cap_bytes`` (a single larger tensor
     gets a bucket of its own), never mixing dtypes or devices within a bucket. With
-    ``wire_dtype``, the buffers of floating-point tensors hold that dtype (compressed payloads);
+    ``wire_dtype``, the buffers of floating-point tensors hold that dtype (compressed payloads;
+    ``torch.int8``: blockwise quantized, see ``gossipgrad._quantize``);
     with ``at_least`` (``torch.float32`` for collectives), narrower floating-point tensors get
     buffers of that dtype, so that sums accumulate in it."""
     groups: list[list[int]] = []
@@ -99,8 +104,11 @@ def make_buckets(
     buckets = []
     for idx, (dtype, device) in zip(groups, keys, strict=True):
         numels = [tensors[i].numel() for i in idx]
-        total = sum(numels)
-        if wire_dtype is not None and dtype.is_floating_point:
+        total, stage = sum(numels), None
+        if wire_dtype is torch.int8 and dtype.is_floating_point:
+            stage = torch.empty(total, dtype=dtype, device=device)
+            dtype, total = torch.int8, _quantize.encoded_size(total)
+        elif wire_dtype is not None and dtype.is_floating_point:
             dtype = wire_dtype
         elif (
             at_least is not None and dtype.is_floating_point and dtype.itemsize < at_least.itemsize
@@ -112,6 +120,7 @@ def make_buckets(
                 send=torch.empty(total, dtype=dtype, device=device),
                 recv=torch.empty(total, dtype=dtype, device=device),
                 numels=numels,
+                stage=stage,
             )
         )
     return buckets
@@ -131,6 +140,15 @@ def pack_(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Copy ``tensors`` into ``flat`` and return it."""
     torch._foreach_copy_(views(flat, tensors), list(tensors))
     return flat
+
+
+@torch.no_grad()
+def encode_(bucket: Bucket, tensors: Sequence[torch.Tensor]) -> None:
+    """Put ``tensors``, the bucket's own, in its ``send`` buffer, in the wire's format."""
+    if bucket.stage is None:
+        pack_(bucket.send, tensors)
+    else:
+        _quantize.encode_(bucket.send, pack_(bucket.stage, tensors))
 
 
 @torch.no_grad()
@@ -160,7 +178,10 @@ def mix_residual_(
     dtype = tensors[0].dtype if tensors else sent.dtype
     # Two passes over memory: s <- s - r, then x <- x - w s. Compressed payloads are subtracted
     # in the parameters' precision, where the difference is exact.
-    if sent.dtype == dtype:
+    if sent.dtype == torch.int8:  # decoded as the partner decodes them
+        n = sum(t.numel() for t in tensors)
+        diff = _quantize.decode(sent, n, dtype).sub_(_quantize.decode(received, n, dtype))
+    elif sent.dtype == dtype:
         diff = sent.sub_(received)
     else:  # one temporary in the parameters' dtype; s is widened on the fly
         diff = received.to(dtype)

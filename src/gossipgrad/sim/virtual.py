@@ -43,11 +43,11 @@ from gossipgrad import cadence
 from gossipgrad._shuffle_plan import label_skew_shards, simulate, strided_shard
 from gossipgrad.mixing import (
     Bucket,
+    encode_,
     grads_of,
     make_buckets,
     mix_,
     mix_residual_,
-    pack_,
     replica_tensors,
     track_,
     tracked_parameters,
@@ -68,8 +68,8 @@ class VirtualCluster:
     own optimizer from ``make_optimizer(replica.parameters())``. ``options`` (or keyword
     overrides) are the engine's ``GossipOptions``: ``mode``, ``sync``, ``schedule``, ``seed`` and
     ``bucket_cap_mb`` act as in ``gossipgrad.wrap`` (see the module docstring); the options of
-    the wire (timeout, wire dtype, streams, on_nonfinite) do not apply. ``replicas[i]`` plays
-    rank ``i``."""
+    the wire (timeout, streams, on_nonfinite) do not apply; ``wire_dtype`` rounds the payloads
+    as the engine does. ``replicas[i]`` plays rank ``i``."""
 
     def __init__(
         self,
@@ -98,7 +98,7 @@ class VirtualCluster:
         self._last_grads = [[torch.zeros_like(p) for p in ps] for ps in tracked]
         cap = o.bucket_cap_bytes
         self._buckets: list[list[Bucket]] = [
-            make_buckets(self._mixed(i), cap) for i in range(world_size)
+            make_buckets(self._mixed(i), cap, o.wire_dtype) for i in range(world_size)
         ]
         self._pending: list[Exchange] | None = None  # overlapped: the exchange of the last step
 
@@ -199,7 +199,7 @@ class VirtualCluster:
         ]
         for own, buckets in zip(tensors, self._buckets, strict=True):
             for b in buckets:
-                pack_(b.send, [own[i] for i in b.indices])
+                encode_(b, [own[i] for i in b.indices])
         for i, ex in enumerate(plans):
             _check_pairing(i, ex, plans, self.step)
             if ex.recv_from is not None:
