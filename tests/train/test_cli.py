@@ -96,15 +96,58 @@ def failing_mlp(info: DatasetInfo) -> nn.Module:
     return _Failing(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, info.num_classes))
 
 
-@pytest.mark.parametrize("sync", [False, True])
-def test_the_error_names_the_rank_whose_own_code_failed(tmp_path: Path, temp_dir, capsys, sync):
-    argv = [*_SMALL, "--algo", "gossip", "--model", f"{__file__}:failing_mlp"]
-    argv += ["--sync"] if sync else []
+def nan_mlp(info: DatasetInfo) -> nn.Module:
+    """An MLP whose rank 1 outputs NaN from its 3rd training forward on (its loss turns NaN)."""
+
+    class _Diverging(nn.Sequential):
+        calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += self.training
+            if os.environ.get("RANK") == "1" and self.calls >= 3:
+                x = x * float("nan")
+            return super().forward(x)
+
+    return _Diverging(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, info.num_classes))
+
+
+def full_disk_mlp(info: DatasetInfo) -> nn.Module:
+    """An MLP on a rank 1 whose disk is full: its checkpoint writes fail with ENOSPC."""
+    import errno
+
+    import torch.distributed.checkpoint as dcp
+
+    def full(self, plan, planner):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if os.environ.get("RANK") == "1":
+        dcp.FileSystemWriter.write_data = full
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, info.num_classes)
+    )
+
+
+@pytest.mark.parametrize(
+    ("model", "extra", "cause"),
+    [
+        ("failing_mlp", [], "rank 1: ValueError: rank 1's own model broke"),
+        ("failing_mlp", ["--sync"], "rank 1: ValueError: rank 1's own model broke"),
+        ("nan_mlp", [], "rank 1: NonFiniteError: rank 1 found NaN or inf in its own parameters"),
+        (
+            "full_disk_mlp",
+            ["--checkpoint-every", "4"],
+            "OSError: [Errno 28] No space left on device",
+        ),
+    ],
+)
+def test_the_error_names_the_rank_whose_own_code_failed(
+    tmp_path: Path, temp_dir: Path, capsys, model: str, extra: list[str], cause: str
+) -> None:
+    argv = [*_SMALL, "--algo", "gossip", "--model", f"{__file__}:{model}", *extra]
     assert cli.main(["train", *argv, "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
-    expected = "gossipgrad: error: gossip run failed: rank 1: ValueError: rank 1's own model broke"
-    assert err.startswith(expected), err
-    assert err.count("\n") == 1, err
+    assert err.startswith("gossipgrad: error: gossip run failed: rank "), err
+    assert cause in err and err.count("\n") == 1, err
     logs = re.search(r"\(worker log: (\S+)\)", err)
     assert logs and Path(logs.group(1)).is_file(), err  # kept after a failure, and named
 

@@ -1,15 +1,22 @@
-"""Divergence guard: a consensus distance above --consensus-warn is warned about and recorded."""
+"""Divergence guard: a consensus distance above --consensus-warn is warned about and recorded; a
+replica that goes non-finite shows as nan in the metrics, is warned about, and is left out of the
+exported model."""
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 
 import sklearn.model_selection  # noqa: F401 - imported once here, the forked ranks inherit it
+import torch
 import torch._dynamo  # noqa: F401 - (DDP imports it on first use)
 from _dist import run_world
+from torch import nn
 
 from gossipgrad.train import loop
 from gossipgrad.train.config import TrainConfig
+from gossipgrad.train.data import DatasetInfo
 from gossipgrad.train.metrics import MetricsLog, read_metrics
 
 
@@ -78,3 +85,52 @@ def test_training_with_a_tiny_threshold_warns_on_rank_0(tmp_path: Path, capfd) -
     summary = run_world(_train, 2, str(tmp_path / "default"), TrainConfig().consensus_warn)[0]
     assert "gossipgrad: warning:" not in capfd.readouterr().err
     assert summary["consensus_warnings"] == 0
+
+
+def nan_mlp(info: DatasetInfo) -> nn.Module:
+    """An MLP whose rank 1 outputs NaN from its 3rd training forward on (bad data, say)."""
+
+    class _Diverging(nn.Sequential):
+        calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            rank = int(os.environ.get("RANK", torch.distributed.get_rank()))
+            self.calls += self.training
+            if rank == 1 and self.training and self.calls >= 3:
+                x = x * math.nan
+            return super().forward(x)
+
+    return _Diverging(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, info.num_classes))
+
+
+def _diverge(rank: int, world: int, out: str) -> dict:
+    cfg = TrainConfig(
+        algo="gossip",
+        out=out,
+        quiet=True,
+        max_steps=12,
+        log_every=4,
+        consensus_every=4,
+        on_nonfinite="skip",
+        model=f"{__file__}:nan_mlp",
+    )
+    return loop.train(cfg.validate(), "gossip")
+
+
+def test_a_non_finite_replica_is_nan_in_metrics_and_left_out_of_the_model(tmp_path, capfd):
+    summary = run_world(_diverge, 3, str(tmp_path))[0]
+    err = capfd.readouterr().err
+    assert summary["excluded_ranks"] == [1]
+    assert math.isnan(summary["consensus_distance"])
+    weights = torch.load(tmp_path / "gossip" / "model.pt", weights_only=True)
+    assert all(torch.isfinite(w).all() for w in weights.values())  # never a NaN model
+    assert summary["test_accuracy"] > 0.3
+    records = read_metrics(tmp_path / "gossip")
+    assert all(math.isnan(r["loss"]) and math.isnan(r["consensus"]) for r in records)
+    assert all(r["nonfinite_ranks"] == [1] and "warning" in r for r in records)
+    assert "gossipgrad: warning: step 4: the training loss is nan (replicas of ranks [1]" in err
+    assert "gossipgrad: warning: step 4: consensus distance nan is above" in err
+    assert (
+        "gossipgrad: warning: gossip: rank 1 holds NaN or inf at step 12 (diverged): the exported "
+        "model is the exact average of the 2 finite replicas" in err
+    )

@@ -74,13 +74,11 @@ def _train_locked(cfg: TrainConfig, out: Path) -> int:
             launch(replace(cfg, algo=algo))
         except failures.RunFailed as error:
             return _error(f"{algo} run failed: {error}", 1)
-        except KeyboardInterrupt:
-            sys.stderr.write(f"gossipgrad: interrupted during the {algo} run; see {out}\n")
-            return 128 + signal.SIGINT
-        except SignalException as error:
-            name = signal.Signals(error.sigval).name
-            sys.stderr.write(f"gossipgrad: stopped by {name} during the {algo} run; see {out}\n")
-            return 128 + error.sigval
+        except (KeyboardInterrupt, SignalException) as error:
+            signum = getattr(error, "sigval", signal.SIGINT)
+            how = "interrupted" if signum == signal.SIGINT else f"stopped by {signum.name}"
+            sys.stderr.write(f"gossipgrad: {how} during the {algo} run; see {out}\n")
+            return 128 + signum
     summary = report.write_report(out)
     print(f"\n{summary['table']}")
     print(

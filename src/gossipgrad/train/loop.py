@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import random
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +30,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from gossipgrad import DataParallel, checkpoint, wrap
+from gossipgrad import DataParallel, NonFiniteError, checkpoint, wrap
+from gossipgrad.mixing import constant_buffers, replica_tensors
 from gossipgrad.train import report, run_state
 from gossipgrad.train.config import TrainConfig, flag
 from gossipgrad.train.data import load_dataset
@@ -81,6 +84,7 @@ class TrainingLoop:
         self.train_set, self.test_set, self.info = load_dataset(cfg.dataset, seed=cfg.seed)
         self.model_name = default_model(self.info) if cfg.model == "auto" else cfg.model
         self.module = build_model(self.model_name, self.info).to(self.device)
+        self.constants = constant_buffers(self.module)  # e.g. a causal mask of -inf
         self.scratch = self._scratch_module()  # before wrap() adds hooks to the module
         self.model: DataParallel = wrap(self.module, algo, cfg.gossip_options())
         self.optimizer = make_optimizer(cfg, self.module)
@@ -159,9 +163,11 @@ class TrainingLoop:
             "time": now,
             "loss": totals.loss,
             "acc": totals.acc,
-            "consensus": self.model.consensus_distance() if self._consensus_due() else None,
+            "consensus": self._consensus() if self._consensus_due() else None,
             "samples_per_s": totals.samples / max(now - progress.meter.started, 1e-9),
         }
+        if entry["consensus"] is not None and not math.isfinite(entry["consensus"]):
+            entry["nonfinite_ranks"] = self.nonfinite_ranks()
         progress.meter = Meter(self.device, started=now)
         self._log(entry)
 
@@ -224,9 +230,9 @@ class TrainingLoop:
         """Average the replicas exactly, evaluate the average, and summarise the run."""
         cfg, progress, world = self.cfg, self.progress, self.world
         self.model.flush()
-        consensus = self.model.consensus_distance()
+        consensus = self._consensus()
         began = time.perf_counter()
-        self.model.average_replicas()
+        excluded = self._average_finite()
         test_loss, test_acc = evaluate(self.module, self.test_set, batch_size=self._eval_batch())
         eval_s = time.perf_counter() - began
         sent = torch.tensor([float(progress.bytes_sent)], dtype=torch.float64, device=self.device)
@@ -245,6 +251,7 @@ class TrainingLoop:
             "train_loss": train_records[-1]["loss"] if train_records else None,
             "bytes_per_rank_per_step": sent.item() / world / max(progress.step, 1),
             "consensus_distance": consensus,
+            "excluded_ranks": excluded,
             "consensus_warnings": sum("warning" in r for r in progress.history),
             "run_dir": str(self.run_dir),
             "config": cfg.to_dict(),
@@ -257,6 +264,59 @@ class TrainingLoop:
         dist.broadcast_object_list(box, src=0)  # rank 0's timings and history for everyone
         return box[0]
 
+    # --- non-finite replicas ----------------------------------------------------------------------
+
+    def nonfinite_ranks(self) -> list[int]:
+        """The ranks whose replica holds NaN or inf (collective: one small all-reduce)."""
+        flags = torch.zeros(self.world, dtype=torch.float64, device=self.device)
+        flags[self.rank] = 0.0 if self._replica_is_finite() else 1.0
+        if self.world > 1:
+            dist.all_reduce(flags)
+        return [rank for rank, bad in enumerate(flags.tolist()) if bad]
+
+    def _replica_is_finite(self) -> bool:
+        tensors = replica_tensors(self.module, self.constants)
+        return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+    def _consensus(self) -> float:
+        """The consensus distance, ``nan`` when a replica is not finite (collective)."""
+        distance = self.model.consensus_distance()
+        return math.nan if self.nonfinite_ranks() else distance
+
+    def _average_finite(self) -> list[int]:
+        """Set every replica to the exact average of the finite replicas; returns the ranks left
+        out (with a warning). Raises ``NonFiniteError`` when no replica is finite: there is no
+        model to export (collective)."""
+        bad = self.nonfinite_ranks()
+        if not bad:
+            self.model.average_replicas()
+            return []
+        if len(bad) == self.world:
+            raise NonFiniteError(
+                f"every replica holds NaN or inf at step {self.progress.step}: training diverged "
+                "and there is no model to export (lower --lr, or check the data)"
+            )
+        tensors = replica_tensors(self.module, self.constants)
+        flat = torch.cat([t.detach().reshape(-1).double() for t in tensors])
+        if self.rank in bad:
+            flat.zero_()
+        dist.all_reduce(flat)
+        flat /= self.world - len(bad)
+        with torch.no_grad():
+            offset = 0
+            for t in tensors:
+                t.copy_(flat[offset : offset + t.numel()].view(t.shape))
+                offset += t.numel()
+        if self.rank == 0:
+            sys.stderr.write(
+                f"gossipgrad: warning: {self.algo}: "
+                f"{'ranks' if len(bad) > 1 else 'rank'} {', '.join(map(str, bad))} "
+                f"{'hold' if len(bad) > 1 else 'holds'} NaN or inf at step {self.progress.step} "
+                f"(diverged): the exported model is the exact average of the "
+                f"{self.world - len(bad)} finite replicas\n"
+            )
+        return bad
+
     def _resume_record(self) -> dict[str, Any]:
         resumed = self.resumed
         if resumed is None:
@@ -265,6 +325,7 @@ class TrainingLoop:
             "resumed_from": str(resumed.path),
             "resumed_world_size": resumed.world_size,
             "resumed_changes": resumed.changes,
+            "resume_skipped": resumed.skipped,
         }
 
     def _final_eval_record(self, summary: dict[str, Any]) -> dict[str, Any]:

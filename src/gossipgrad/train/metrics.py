@@ -13,10 +13,11 @@ Only rank 0 makes one (the records are already reduced over ranks). ``history`` 
 so far; a resumed run passes the checkpoint's history, and ``metrics.jsonl`` is rewritten from it,
 so the file continues exactly where the checkpoint was taken.
 
-Divergence guard: a record whose consensus distance is above ``consensus_warn`` gets a
-``"warning"`` entry, and when the distance goes above it (first, or again after falling back
-below) one line ``gossipgrad: warning: ...`` with the step and the figure is written to stderr
-above the bar.
+Divergence guard: a record whose consensus distance is above ``consensus_warn`` (or not finite)
+gets a ``"warning"`` entry, and when the distance goes above it (first, or again after falling
+back below) one line ``gossipgrad: warning: ...`` with the step and the figure is written to
+stderr above the bar. A training loss that turns NaN or inf is recorded as such (``NaN`` in the
+JSON lines) and warned about the same way, once per stretch.
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ class MetricsLog:
         self._consensus_warn = consensus_warn
         measured = [r["consensus"] for r in self.history if r.get("consensus") is not None]
         self._above = bool(measured) and self._is_above(measured[-1])
+        losses = [r["loss"] for r in self.history if r.get("loss") is not None]
+        self._loss_bad = bool(losses) and not math.isfinite(losses[-1])
         self._file = open(run_dir / METRICS_FILE, "w")  # noqa: SIM115 - closed in close()
         for record in self.history:
             self._file.write(json.dumps(record) + "\n")
@@ -137,6 +140,7 @@ class MetricsLog:
     def record(self, record: dict[str, Any]) -> None:
         """Keep ``record`` (step, epoch, time, loss, acc, consensus, samples_per_s, ...)."""
         self._guard_consensus(record)
+        self._guard_loss(record)
         self.history.append(record)
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
@@ -168,6 +172,21 @@ class MetricsLog:
                 file=sys.stderr,
             )
         self._above = above
+
+    def _guard_loss(self, record: dict[str, Any]) -> None:
+        loss = record.get("loss")
+        if loss is None:
+            return
+        bad = not math.isfinite(loss)
+        if bad and not self._loss_bad:
+            ranks = record.get("nonfinite_ranks")
+            where = f" (replicas of ranks {ranks} are not finite)" if ranks else ""
+            self._bar.write(
+                f"gossipgrad: warning: step {record['step']}: the training loss is {loss}{where}: "
+                "training has diverged (lower --lr, or check the data)",
+                file=sys.stderr,
+            )
+        self._loss_bad = bad
 
     def _is_above(self, consensus: float) -> bool:
         return not math.isfinite(consensus) or consensus > self._consensus_warn

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import random
-import warnings
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,11 +70,13 @@ class Progress:
 
 @dataclass(frozen=True)
 class Resumed:
-    """Where a run resumed from: the checkpoint, how many ranks wrote it, the flags changed."""
+    """Where a run resumed from: the checkpoint, how many ranks wrote it, the flags changed, the
+    newer checkpoints that could not be used."""
 
     path: Path
     world_size: int
     changes: dict[str, list[Any]]
+    skipped: list[str] = field(default_factory=list)
 
 
 # --- before the run -----------------------------------------------------------------------------
@@ -182,9 +184,10 @@ def resume(loop: TrainingLoop) -> Resumed | None:
         except checkpoint.CheckpointError as error:
             skipped.append((path, str(error)))
             continue
-        for where, why in skipped:
-            warnings.warn(f"skipped checkpoint {str(where)!r}: {why}", RuntimeWarning, stacklevel=2)
-        return Resumed(path, world, changes)
+        if dist.get_rank() == 0:
+            for where, why in skipped:
+                sys.stderr.write(f"gossipgrad: warning: skipped checkpoint {str(where)!r}: {why}\n")
+        return Resumed(path, world, changes, [str(where) for where, _ in skipped])
     if skipped:
         _refuse_all(skipped)
     return None
