@@ -86,7 +86,8 @@ class GossipDataParallel(nn.Module, Joinable):
             ``new_group(ranks)`` ``streams - 1`` times too.
         **keywords: ``GossipOptions`` fields, and DDP's constructor keywords, so that a DDP
             script switches by changing the class name: ``broadcast_buffers=False`` keeps float
-            buffers local (not mixed), ``init_sync=False`` skips the broadcast from rank 0,
+            buffers local while training (not mixed; ``average_replicas`` still averages
+            them), ``init_sync=False`` skips the broadcast from rank 0,
             ``device_ids``/``output_device`` must name the module's device, and the others
             (``find_unused_parameters``, ``static_graph``, ...) have no effect.
     """
@@ -125,8 +126,10 @@ class GossipDataParallel(nn.Module, Joinable):
         tracking = o.tracking and self.world_size > 1
         self._trackers = [torch.zeros_like(p) for p in self._tracked] if tracking else []
         self._last_grads = [torch.zeros_like(p) for p in self._trackers]
-        if not ddp.get("broadcast_buffers", True):  # float buffers stay local, as DDP's do
-            self._constants |= {n for n, _ in module.named_buffers()}
+        # broadcast_buffers=False: buffers are not mixed while training (they stay local, as
+        # DDP's do) but still averaged at the end, so that one model is exported
+        keep_local = ddp.get("broadcast_buffers", True) is False
+        self._unmixed = frozenset(n for n, _ in module.named_buffers()) if keep_local else None
         cap = o.bucket_cap_bytes
         if ddp.get("init_sync", True):
             everything = [_real(t) for t in list(module.parameters()) + list(module.buffers())]
@@ -154,6 +157,7 @@ class GossipDataParallel(nn.Module, Joinable):
         """Whether a gossip step has begun (a training forward) and its backward not ended."""
         return self._open
 
+    @torch.compiler.disable  # bookkeeping: under torch.compile, no guard on the step counter
     def gossip_step(self) -> None:
         """Begin a step, as its first training forward does before computing: in ``params``
         mode, start the exchange if the step is due to send (``gossipgrad.cadence``); the end of
@@ -358,6 +362,8 @@ class GossipDataParallel(nn.Module, Joinable):
         (gradients mode)."""
         if self.options.mode == "gradients":
             return [p for p in self.module.parameters() if p.is_floating_point()]
+        if self._unmixed is not None:
+            return replica_tensors(self.module, self._unmixed) + self._trackers
         return self._replicas() + self._trackers
 
     def _check_finite(self, flat: torch.Tensor, source: int, step: int) -> bool:
