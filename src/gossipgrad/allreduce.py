@@ -53,13 +53,9 @@ class AllReduceDataParallel(DistributedDataParallel):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.module.training and self.require_backward_grad_sync and torch.is_grad_enabled():
-            self._count_step()
+            self.step += 1
+            self.bytes_sent_last_step = self._bytes_per_step
         return super().forward(*args, **kwargs)
-
-    @torch.compiler.disable  # bookkeeping: under torch.compile, no guard on the step counter
-    def _count_step(self) -> None:
-        self.step += 1
-        self.bytes_sent_last_step = self._bytes_per_step
 
     def flush(self) -> None:
         """Nothing is ever in flight between steps with all-reduce."""

@@ -157,7 +157,6 @@ class GossipDataParallel(nn.Module, Joinable):
         """Whether a gossip step has begun (a training forward) and its backward not ended."""
         return self._open
 
-    @torch.compiler.disable  # bookkeeping: under torch.compile, no guard on the step counter
     def gossip_step(self) -> None:
         """Begin a step, as its first training forward does before computing: in ``params``
         mode, start the exchange if the step is due to send (``gossipgrad.cadence``); the end of
