@@ -359,7 +359,7 @@ _ENGINE_GOOD = {
     "seed": st.integers(0, 2**63 - 1),
     "sync": st.booleans(),
 }
-_DTYPES = [torch.float32, torch.float64, torch.int8, torch.uint8, torch.complex64]
+_DTYPES = [torch.float32, torch.float64, torch.uint8, torch.complex64]  # int8: a wire dtype
 _ENGINE_BAD = {
     "mode": _TEXT.filter(lambda t: t not in MODES),
     "schedule": _TEXT.filter(lambda t: t not in SCHEDULES),

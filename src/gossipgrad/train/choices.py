@@ -13,7 +13,7 @@ ENGINE_ALGOS: tuple[str, ...] = ("gossip", "allreduce", "hierarchical")
 SCHEDULES: tuple[str, ...] = ("dissemination", "dissemination-fixed", "hypercube", "ring", "exact")
 MODES: tuple[str, ...] = ("params", "gradients")
 ON_NONFINITE: tuple[str, ...] = ("raise", "skip")
-WIRE: tuple[str, ...] = ("none", "bfloat16", "float16")  # names of options.WIRE_DTYPES
+WIRE: tuple[str, ...] = ("none", "bfloat16", "float16", "int8")  # options.WIRE_DTYPES
 MAX_STREAMS = 16
 # GossipOptions() field by field (timeout in seconds, wire dtype by name)
 ENGINE_DEFAULTS: dict[str, object] = {

@@ -16,6 +16,7 @@ error answer at once; torch is imported only once the options are known to be go
 
 from __future__ import annotations
 
+import os
 import sys
 
 from gossipgrad.train.config import TrainConfig, load_config
@@ -41,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         given = f"unknown command {args[0]!r}" if args else "no command given"
         sys.stderr.write(f"gossipgrad: error: {given}; try 'gossipgrad train'\n")
         return 2
+    # c10d logs a store client's broken connection with a C++ stack trace; the one-line error
+    # says what happened (TORCH_CPP_LOG_LEVEL=INFO brings them back). torch reads this once, when
+    # it is first imported: before the options (a --model plugin imports torch), unless the
+    # package's __init__ imported it already.
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     return run(load_config(args[1:]))
 
 

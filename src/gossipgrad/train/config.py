@@ -9,13 +9,16 @@ a TOML file takes the same names (``batch_size`` or ``batch-size``). ``validate`
 value and raises ``ConfigError`` with one line naming the option and the allowed range.
 
 Nothing here imports torch (``gossipgrad.train.choices`` holds the choice sets), so a bad option
-is answered at once; ``gossip_options`` imports the engine's options when the worker needs them.
+is answered at once. ``gossip_options`` builds the engine's ``GossipOptions`` (importing torch),
+whose own checks cover what depends on several engine options at once (``--wire-dtype int8``
+needs ``--mode params``): ``gossipgrad train`` calls it before any worker starts.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from datetime import timedelta
@@ -55,6 +58,9 @@ __all__ = [
     "read_toml",
 ]
 _ENGINE: dict[str, Any] = ENGINE_DEFAULTS  # the engine's defaults, which the flags below take
+# Engine options whose flag has another name (field ``bucket_cap_mb``: ``--bucket-mb``), so that
+# an error of ``GossipOptions`` names the flag.
+_FLAG_OF = {"bucket_cap_mb": "bucket_mb", "timeout": "timeout_s"}
 
 
 _MAX_SEED = 2**63 - 1  # the shuffle's agreement check holds seeds in an int64
@@ -240,21 +246,25 @@ class TrainConfig:
         return self
 
     def gossip_options(self) -> GossipOptions:
-        """The engine's options these flags set: the one place where flags map onto them (a
-        config that ``validate`` accepts always makes valid options)."""
+        """The engine's options these flags set: the one place where flags map onto them.
+        Raises ``ConfigError`` naming the flag when the engine refuses a combination."""
         from gossipgrad.options import WIRE_DTYPES, GossipOptions
 
-        return GossipOptions(
-            sync=self.sync,
-            mode=self.mode,
-            schedule=self.schedule,
-            seed=self.seed,
-            bucket_cap_mb=self.bucket_mb,
-            timeout=timedelta(seconds=self.timeout_s),
-            on_nonfinite=self.on_nonfinite,
-            wire_dtype=WIRE_DTYPES[self.wire_dtype],
-            streams=self.streams,
-        )
+        try:
+            return GossipOptions(
+                sync=self.sync,
+                mode=self.mode,
+                schedule=self.schedule,
+                seed=self.seed,
+                bucket_cap_mb=self.bucket_mb,
+                timeout=timedelta(seconds=self.timeout_s),
+                on_nonfinite=self.on_nonfinite,
+                wire_dtype=WIRE_DTYPES[self.wire_dtype],
+                streams=self.streams,
+            )
+        except ValueError as error:
+            name = re.match(r"\w*", str(error)).group()  # type: ignore[union-attr]
+            raise ConfigError(f"{flag(_FLAG_OF.get(name, name))}: {error}") from None
 
     def algos(self) -> tuple[str, ...]:
         """The algorithms to run, in order."""

@@ -12,18 +12,21 @@ each worker of ``gossipgrad train`` that fails reports to the launcher's store (
   failed.
 
 ``describe`` turns the launcher's ``ChildFailedError`` into ``rank 1: ValueError: ... (worker
-log: ...)`` from those reports, falling back on torch's summary.
+log: ...)`` from those reports; when no rank's own code failed, a rank killed by a signal (it
+could report nothing) comes before the ranks that lost it, and torch's summary comes last.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.api import SignalException
 
 from gossipgrad.errors import NonFiniteError, PeerError
 
@@ -60,7 +63,7 @@ def report(error: BaseException) -> None:
     """Record this rank's failure in the launcher's store, if there is one (first report of each
     kind wins); never raises."""
     address = os.environ.get(STORE_ENV)
-    if not address:
+    if not address or isinstance(error, SignalException):  # stopped from outside: not a cause
         return
     host, _, port = address.rpartition(":")
     kind = "lost" if lost_a_peer(error) else "own"
@@ -75,13 +78,17 @@ def report(error: BaseException) -> None:
 
 def describe(error: Any, store: dist.Store, max_restarts: int) -> str:
     """One line for the launcher's ``ChildFailedError``: the rank whose own code failed first in
-    the last attempt, else the first rank that lost a peer, else torch's first failure."""
+    the last attempt, else a rank killed by a signal, else the first rank that lost a peer, else
+    torch's first failure."""
     attempt = _attempt(error, max_restarts)
-    for kind in ("own", "lost"):
-        key = _KEY.format(kind=kind, attempt=attempt)
-        if store.check([key]):
-            rank, text = store.get(key).decode().split("\n", 1)
-            return f"rank {rank}: {text}{_log_of(error, int(rank))}"
+    own, lost = (_reported(store, kind, attempt) for kind in ("own", "lost"))
+    if own is not None:
+        return f"rank {own[0]}: {own[1]}{_log_of(error, own[0])}"
+    killed = sorted(r for r, f in error.failures.items() if (f.exitcode or 0) < 0)
+    if killed:
+        return f"rank {killed[0]}: killed by {_signal_name(-error.failures[killed[0]].exitcode)}"
+    if lost is not None:
+        return f"rank {lost[0]}: {lost[1]}{_log_of(error, lost[0])}"
     rank, failure = error.get_first_failure()
     message = failure.message
     if isinstance(message, dict):
@@ -89,6 +96,21 @@ def describe(error: Any, store: dist.Store, max_restarts: int) -> str:
     lines = str(message).strip().splitlines()
     detail = lines[-1] if lines else f"exit code {failure.exitcode}"
     return f"rank {rank}: {detail}{_log_of(error, rank)}"
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _reported(store: dist.Store, kind: str, attempt: int) -> tuple[int, str] | None:
+    key = _KEY.format(kind=kind, attempt=attempt)
+    if not store.check([key]):
+        return None
+    rank, text = store.get(key).decode().split("\n", 1)
+    return int(rank), text
 
 
 def _attempt(error: Any, max_restarts: int) -> int:

@@ -42,7 +42,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from gossipgrad.schedule import partners
 from gossipgrad.train import failures, report, run_state
-from gossipgrad.train.config import TrainConfig
+from gossipgrad.train.config import ConfigError, TrainConfig
 from gossipgrad.train.data import load_dataset
 from gossipgrad.train.lock import RunBusyError, run_lock
 from gossipgrad.train.models import build_model, default_model
@@ -100,12 +100,13 @@ def preflight(cfg: TrainConfig) -> str | None:
     """The first problem that can be found before any worker starts, as one line, or None.
     Builds the dataset and model once (forked workers also inherit what this imported)."""
     try:
+        cfg.gossip_options()  # the engine's own checks, e.g. --wire-dtype int8 with --mode params
         model = _check_data_and_model(cfg)
         _check_schedule(cfg)
         _check_device(cfg)
         for algo in cfg.algos():
             run_state.check_resume(cfg, algo, model)
-    except (_Refused, run_state.ResumeError) as error:
+    except (ConfigError, _Refused, run_state.ResumeError) as error:
         return str(error)
     return None
 
@@ -154,6 +155,9 @@ def launch(cfg: TrainConfig) -> dict[str, Any]:
         _preload(cfg)
     env = {
         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",  # workers host their own store, on loopback
+        # c10d's warnings carry C++ stack traces (a store client whose host died): the one-line
+        # error says what happened; TORCH_CPP_LOG_LEVEL=INFO brings them back
+        "TORCH_CPP_LOG_LEVEL": os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR"),
         "OMP_NUM_THREADS": os.environ.get(
             "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.nproc))
         ),
@@ -197,6 +201,7 @@ def _quiet_launcher() -> Iterator[None]:
     names = (
         "torch.distributed.elastic.multiprocessing.api",
         "torch.distributed.elastic.agent.server.api",
+        "torch.multiprocessing.spawn",
     )
     loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
