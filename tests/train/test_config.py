@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import fields, replace
 
 import pytest
 
-from gossipgrad.train import config
 from gossipgrad.train.config import ConfigError, TrainConfig, build_parser, flag, load_config
 
 
@@ -89,7 +89,7 @@ def test_resume_alone_means_auto() -> None:
 
 
 def test_tensorboard_without_the_package(monkeypatch) -> None:
-    monkeypatch.setattr(config, "_has_tensorboard", lambda: False)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if it were not installed
     with pytest.raises(ConfigError, match=r"--tensorboard needs .* pip install"):
         TrainConfig(tensorboard=True).validate()
 

@@ -39,7 +39,7 @@ from gossipgrad.train.evaluation import evaluate
 from gossipgrad.train.metrics import Meter, MetricsLog
 from gossipgrad.train.models import build_model, default_model, task_loss
 from gossipgrad.train.run_state import Progress
-from gossipgrad.train.sampling import make_sampler
+from gossipgrad.train.sampling import JobSampler, make_sampler
 
 MODEL_FILE = "model.pt"
 SUMMARY_FILE = "summary.json"
@@ -73,22 +73,38 @@ class Stopwatch:
 class TrainingLoop:
     """Everything one rank trains with, and the steps and hooks of a run (module docstring)."""
 
+    model: DataParallel
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    sampler: JobSampler
+    progress: Progress
+    resumed: run_state.Resumed | None
+
     def __init__(self, cfg: TrainConfig, algo: str) -> None:
+        """Setup (collective): the data, the model and its wrapper, the optimizer and sampler,
+        then what ``--resume`` names."""
         self.cfg, self.algo = cfg, algo
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.run_dir = Path(cfg.out) / algo
         self.checkpoints = self.run_dir / "checkpoints"
         self._prepare_folder()
         self.device = pick_device(cfg)
+        self._build()
+        self._restore()
+        self._announce()
+        self.log = self._open_log() if self.rank == 0 else None
+
+    def _build(self) -> None:
+        cfg = self.cfg
         seed_everything(cfg.seed)  # same model initialisation on every rank
         self.train_set, self.test_set, self.info = load_dataset(cfg.dataset, seed=cfg.seed)
         self.model_name = default_model(self.info) if cfg.model == "auto" else cfg.model
         self.module = build_model(self.model_name, self.info).to(self.device)
         self.constants = constant_buffers(self.module)  # e.g. a causal mask of -inf
         self.scratch = self._scratch_module()  # before wrap() adds hooks to the module
-        self.model: DataParallel = wrap(self.module, algo, cfg.gossip_options())
+        self.model = wrap(self.module, self.algo, cfg.gossip_options())
         self.optimizer = make_optimizer(cfg, self.module)
-        self.sampler = make_sampler(cfg, algo, self.train_set)
+        self.sampler = make_sampler(cfg, self.algo, self.train_set)
         self.loader = DataLoader(
             self.train_set,
             batch_size=cfg.batch_size,
@@ -98,16 +114,18 @@ class TrainingLoop:
         )
         self.steps_per_epoch = self._steps_per_epoch()
         seed_everything(cfg.seed + 1 + self.rank)  # this rank's own stream (dropout, augmentation)
-        self.identity = {"algo": algo, "dataset": cfg.dataset, "model": self.model_name}
+        self.identity = {"algo": self.algo, "dataset": cfg.dataset, "model": self.model_name}
+
+    def _restore(self) -> None:
+        """Load what ``--resume`` names, start the stopwatch where it stopped, and work out the
+        step to stop at."""
         self.progress = Progress(meter=Meter(self.device))
         self.resumed = run_state.resume(self)
-        apply_optimizer_settings(cfg, self.optimizer)  # the flags win over the checkpoint's
+        apply_optimizer_settings(self.cfg, self.optimizer)  # the flags win over the checkpoint
         self.watch = Stopwatch(self.progress.elapsed_s)
         self.progress.meter.started = self.progress.elapsed_s
         self.total_steps = self._total_steps()
         self.last_saved = self.progress.step if self.resumed else -1
-        self._announce()
-        self.log = self._open_log() if self.rank == 0 else None
 
     # --- the run --------------------------------------------------------------------------------
 
@@ -163,11 +181,13 @@ class TrainingLoop:
             "time": now,
             "loss": totals.loss,
             "acc": totals.acc,
-            "consensus": self._consensus() if self._consensus_due() else None,
+            "consensus": None,
             "samples_per_s": totals.samples / max(now - progress.meter.started, 1e-9),
         }
-        if entry["consensus"] is not None and not math.isfinite(entry["consensus"]):
-            entry["nonfinite_ranks"] = self.nonfinite_ranks()
+        if self._consensus_due():
+            entry["consensus"], bad = self._consensus()
+            if bad:
+                entry["nonfinite_ranks"] = bad
         progress.meter = Meter(self.device, started=now)
         self._log(entry)
 
@@ -230,7 +250,7 @@ class TrainingLoop:
         """Average the replicas exactly, evaluate the average, and summarise the run."""
         cfg, progress, world = self.cfg, self.progress, self.world
         self.model.flush()
-        consensus = self._consensus()
+        consensus, _ = self._consensus()
         began = time.perf_counter()
         excluded = self._average_finite()
         test_loss, test_acc = evaluate(self.module, self.test_set, batch_size=self._eval_batch())
@@ -278,10 +298,12 @@ class TrainingLoop:
         tensors = replica_tensors(self.module, self.constants)
         return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
-    def _consensus(self) -> float:
-        """The consensus distance, ``nan`` when a replica is not finite (collective)."""
+    def _consensus(self) -> tuple[float, list[int]]:
+        """The consensus distance, ``nan`` when a replica is not finite, and the ranks whose
+        replica is not (collective)."""
         distance = self.model.consensus_distance()
-        return math.nan if self.nonfinite_ranks() else distance
+        bad = self.nonfinite_ranks()
+        return (math.nan if bad else distance), bad
 
     def _average_finite(self) -> list[int]:
         """Set every replica to the exact average of the finite replicas; returns the ranks left
