@@ -7,8 +7,10 @@ the imported Lightning, so a run takes about a second. Each rank writes what it 
 
 from __future__ import annotations
 
+import faulthandler
 import importlib
 import sys
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,15 @@ L = pytest.importorskip("lightning", reason="pip install 'gossipgrad[lightning]'
 from gossipgrad.lightning import GossipFabricStrategy, GossipStrategy  # noqa: E402
 
 TIMEOUT = timedelta(seconds=60)  # a lost partner fails the test instead of hanging it
+
+
+@pytest.fixture(autouse=True)
+def _watchdog() -> Iterator[None]:
+    """A deadlock (ranks in different collectives) ends the run with every thread's traceback
+    instead of hanging it: neither gloo nor Lightning's launcher times out then."""
+    faulthandler.dump_traceback_later(240, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 def _data(n: int, seed: int) -> TensorDataset:
@@ -67,7 +78,9 @@ class _Probe(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
         x, y = batch
-        return F.cross_entropy(self.net(x), y)
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss, prog_bar=True, on_epoch=True, sync_dist=True)
+        return loss
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
         x, y = batch
@@ -78,6 +91,8 @@ class _Probe(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self.seen["epoch_end"].append(_state(self))
+        if self.current_epoch == 0:  # collective, while rank 0's progress bar syncs train_loss
+            self.trainer.save_checkpoint(self.out / "manual.ckpt")
         wrapper = self.trainer.strategy.model
         self.seen |= {"wrapper": type(wrapper).__name__, "bytes": wrapper.bytes_sent_last_step}
         self.seen |= {"gossip_steps": wrapper.step, "optimizer_steps": self.trainer.global_step}
@@ -93,7 +108,6 @@ def _trainer(tmp_path: Path, **kwargs: Any) -> L.Trainer:
         devices=2,
         strategy=GossipStrategy(start_method="fork", timeout=TIMEOUT),
         logger=False,
-        enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
         **kwargs,
@@ -115,7 +129,9 @@ def test_trainer_fits_with_gossip_saves_the_average_and_tests_it(tmp_path: Path)
     # accumulate_grad_batches=2: the accumulating forwards do not gossip (block_backward_sync)
     assert [s["gossip_steps"] for s in seen] == [s["optimizer_steps"] for s in seen] == [12, 12]
     assert all(_differ(*pair) for pair in replicas), "equal replicas: that is all-reduce"
-    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["epoch=1.ckpt"]
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["epoch=1.ckpt", "manual.ckpt"]
+    manual = torch.load(tmp_path / "manual.ckpt")["state_dict"]
+    _assert_equal(manual, _mean(replicas[0]), atol=1e-5)
     saved = torch.load(tmp_path / "epoch=1.ckpt")["state_dict"]
     _assert_equal(saved, _mean(replicas[1]), atol=1e-5)  # the exact average was saved
     final = seen[0]["final"]

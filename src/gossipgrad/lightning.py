@@ -24,8 +24,10 @@ fields are keywords (``GossipStrategy(sync=True, wire_dtype=torch.bfloat16)``). 
   ``sync_dist=True`` to average the ranks' figures).
 - Gradient accumulation (``accumulate_grad_batches``, ``fabric.no_backward_sync``) skips the
   exchange on the accumulating steps, like DDP's ``no_sync``.
-- Inside ``fit`` the ``DataParallel`` is ``trainer.strategy.model`` (e.g. for
-  ``consensus_distance()``, a collective: call it on every rank).
+- Inside ``fit`` the ``DataParallel`` is ``trainer.strategy.model``: e.g. log
+  ``consensus_distance()`` from ``on_train_batch_start``. It is a collective: call it on every
+  rank, and not in an epoch-end hook, where rank 0's progress bar first syncs the epoch's
+  ``sync_dist=True`` metrics while the other ranks would already be in it (a deadlock).
 
 Use the ``lightning`` package (``import lightning``); ``pytorch_lightning`` has its own classes.
 """
@@ -93,8 +95,20 @@ class GossipStrategy(DDPStrategy):
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """The replicas' exact average (collective: Lightning calls it on every rank)."""
         if isinstance(self.model, GossipDataParallel):
+            self._settle_logged_metrics()
             self.model.average_replicas()
         return super().lightning_module_state_dict()
+
+    def _settle_logged_metrics(self) -> None:
+        """Compute the metrics logged so far on this rank, before a collective of ours.
+
+        Rank 0's progress bar computes them (with ``sync_dist=True``, a collective) at the start
+        of epoch-end hooks, the other ranks only later: a collective of ours in between, as a
+        ``trainer.save_checkpoint`` in ``on_train_epoch_end`` makes, would deadlock. On rank 0
+        they are already computed and cached, so this is a no-op there.
+        """
+        assert self.lightning_module is not None
+        _ = self.lightning_module.trainer.callback_metrics
 
     def on_train_end(self) -> None:
         """``fit`` exports one model: every replica becomes the exact average."""
