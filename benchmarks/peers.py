@@ -251,6 +251,18 @@ class Runner:
                 setattr(self.powersgd, slot, value)
             self.model.register_comm_hook(self.powersgd, psgd.powerSGD_hook)
 
+    def close(self) -> None:
+        """Let this round's objects be freed. ``GossipDataParallel`` registers a bound method as
+        a post-accumulate-grad hook on every parameter; that cycle (parameter -> hook -> engine
+        -> module -> parameter) runs through the tensors' hook storage, which the garbage
+        collector does not see, so without this every round would leak the engine, its module
+        and buffers (several model copies)."""
+        if self.spec.family == "gossip":
+            for p in self.module.parameters():
+                hooks = getattr(p, "_post_accumulate_grad_hooks", None)
+                if hooks:
+                    hooks.clear()
+
     def extra(self) -> Any:
         """What the next round needs besides parameters and optimizer state."""
         if self.powersgd is not None:
@@ -416,6 +428,7 @@ def worker(args: argparse.Namespace) -> None:
                         },
                         path,
                     )
+                    runner.close()
                     del runner, module, exported
                     gc.collect()
                     switch += time.perf_counter() - t
@@ -424,7 +437,8 @@ def worker(args: argparse.Namespace) -> None:
                     print(f"[{spec.name}] seed {seed} epoch {epoch}: {error}", file=sys.stderr)
                     gc.collect()
                 gathered: list[Any] = [None] * world
-                dist.all_gather_object(gathered, (times, tx, train_s, switch, error))
+                rss = _rss_mb()
+                dist.all_gather_object(gathered, (times, tx, train_s, switch, error, rss))
                 if rank != 0:
                     run["error"] = next((g[4] for g in gathered if g[4]), None)
                     continue
@@ -456,6 +470,7 @@ def worker(args: argparse.Namespace) -> None:
                 run["rounds"].append(
                     {
                         "epoch": epoch + 1,
+                        "rss_mb": max(g[5] for g in gathered),
                         "load_average_1min": load_avg,
                         "switch_s": max(g[3] for g in gathered),
                         "eval_s": eval_s,
@@ -468,6 +483,14 @@ def worker(args: argparse.Namespace) -> None:
             (state_dir / f"{spec.name}_s{seed}_r{rank}.pt").unlink(missing_ok=True)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _rss_mb() -> float:
+    """This process's resident memory, MB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _finish_run(run: dict[str, Any], spec: Spec, shapes: list[list[int]], world: int) -> None:
