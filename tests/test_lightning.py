@@ -67,8 +67,8 @@ def _differ(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 class _Probe(L.LightningModule):
-    """A linear classifier that records, per rank, its replica at the end of each training epoch
-    (before ModelCheckpoint saves) and after fit, and what wrapped it."""
+    """A small classifier that records, per rank, its replica when training starts, at the end
+    of each training epoch (before ModelCheckpoint saves) and after fit, and what wrapped it."""
 
     def __init__(self, out: Path) -> None:
         super().__init__()
@@ -88,6 +88,9 @@ class _Probe(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.2, momentum=0.9)
+
+    def on_train_start(self) -> None:
+        self.seen["start"] = _state(self)
 
     def on_train_epoch_end(self) -> None:
         self.seen["epoch_end"].append(_state(self))
@@ -145,6 +148,21 @@ def test_trainer_fits_with_gossip_saves_the_average_and_tests_it(tmp_path: Path)
     with torch.no_grad():
         expected = F.cross_entropy(model.net(test.tensors[0]), test.tensors[1]).item()
     assert metrics["test_loss"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_trainer_resumes_every_replica_from_the_saved_average(tmp_path: Path) -> None:
+    train = DataLoader(_data(128, seed=0), batch_size=16, shuffle=True)
+    _trainer(tmp_path, max_epochs=1).fit(_Probe(tmp_path), train)
+    (path,) = tmp_path.rglob("epoch=*.ckpt")  # ModelCheckpoint's
+    saved = torch.load(path)["state_dict"]
+    resumed = _Probe(tmp_path)  # fresh weights: the checkpoint must replace them on every rank
+    _trainer(tmp_path, max_epochs=2).fit(resumed, train, ckpt_path=path)
+    seen = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+    for s in seen:
+        _assert_equal(s["start"], saved)
+        assert s["optimizer_steps"] == 8 and len(s["epoch_end"]) == 1  # epoch 1 only
+    assert _differ(seen[0]["epoch_end"][0], seen[1]["epoch_end"][0])  # and gossiped on
 
 
 def _fabric_run(fabric: L.Fabric, out: Path) -> None:
