@@ -16,7 +16,8 @@ fields are keywords (``GossipStrategy(sync=True, wire_dtype=torch.bfloat16)``). 
 - Saving a checkpoint (``ModelCheckpoint``, ``trainer.save_checkpoint``, ``fabric.save``) first
   averages the replicas exactly (one all-reduce, on every rank: these calls are collective
   already), so the file holds the one model that every rank then trains on; the optimizer state
-  saved is rank 0's, as with DDP.
+  saved is rank 0's, as with DDP. Resuming (``fit(ckpt_path=...)``) starts every replica from
+  that average; the partner schedule starts again at step 0.
 - The end of ``fit`` averages the replicas, so ``trainer.test`` / ``validate`` / ``predict`` and
   the module in hand afterwards are that one model. With Fabric, call
   ``fabric.strategy.data_parallel(model).average_replicas()`` (or save) when training ends.
