@@ -75,7 +75,13 @@ def test_the_simulator_imports_no_engine(module: str) -> None:
 
 def test_the_walk_sees_every_layer() -> None:
     assert {_layer(m) for m in MODULES} == {"core", "sim", "train"}
-    assert "gossipgrad.gossip" in MODULES["gossipgrad"]  # the walk reads the package's imports
+    assert "gossipgrad.gossip" in MODULES["gossipgrad.engines"]  # the walk reads the imports
+
+
+def test_every_public_name_resolves() -> None:
+    assert sorted(gossipgrad.__all__) == sorted(gossipgrad._EXPORTS)
+    for name in gossipgrad.__all__:  # imported on first use (PEP 562)
+        assert getattr(gossipgrad, name) is not None, name
 
 
 def test_import_gossipgrad_loads_nothing_beyond_torch() -> None:

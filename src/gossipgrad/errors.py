@@ -16,4 +16,11 @@ class PeerError(GossipError):
 
 
 class NonFiniteError(GossipError):
-    """NaN or inf found in local or received parameters (training diverged)."""
+    """NaN or inf found in local or received parameters (training diverged). ``source`` is the
+    rank the bad values came from (``None``: this rank's own parameters), ``step`` the gossip
+    exchange where they were found."""
+
+    def __init__(self, message: str, source: int | None = None, step: int | None = None) -> None:
+        super().__init__(message)
+        self.source = source
+        self.step = step

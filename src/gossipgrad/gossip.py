@@ -382,7 +382,11 @@ class GossipDataParallel(nn.Module, Joinable):
             "diverged (lower the learning rate, add gradient clipping, or check the data)"
         )
         if self.options.on_nonfinite == "raise":
-            raise NonFiniteError(message + "; on_nonfinite='skip' would skip such exchanges")
+            raise NonFiniteError(
+                message + "; on_nonfinite='skip' would skip such exchanges",
+                source=None if what == "local" else source,
+                step=step,
+            )
         warnings.warn(message + "; skipping this exchange", RuntimeWarning, stacklevel=4)
 
 
