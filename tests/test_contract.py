@@ -36,3 +36,18 @@ def test_average_into_fills_the_scratch_copy_with_the_mean_only(algo: str, extra
         assert len(own) == len(averaged) == 6  # weight, bias, BN weight, bias, mean, var
         assert all(torch.equal(b, o) for b, o in zip(before, own, strict=True)), rank
         assert all(torch.equal(t, torch.full_like(t, 1.5)) for t in averaged), rank
+
+
+def _copies(rank: int, world: int, algo: str, extra: dict) -> int:
+    module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    model = gossipgrad.wrap(module, algo, **extra)
+    twin = copy.deepcopy(model.module)  # an EMA or scratch copy of a wrapped module
+    twin(torch.randn(4, 3)).sum().backward()  # its hooks are inert: no step of the wrapper
+    model(torch.randn(4, 3)).sum().backward()
+    model.flush()
+    return model.step
+
+
+@pytest.mark.parametrize(("algo", "extra"), _ALGOS, ids=[a for a, _ in _ALGOS])
+def test_a_wrapped_module_can_be_deep_copied(algo: str, extra: dict) -> None:
+    assert run_world(_copies, 2, algo, extra) == [1, 1]

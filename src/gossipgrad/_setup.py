@@ -6,6 +6,8 @@ the same architecture, DDP's constructor keywords are understood, and extra conn
 from __future__ import annotations
 
 import inspect
+import weakref
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -107,3 +109,23 @@ def extra_groups(group: dist.ProcessGroup, streams: int) -> list[dist.ProcessGro
         return None
     ranks = dist.get_process_group_ranks(group)
     return [group] + [dist.new_group(ranks) for _ in range(streams - 1)]
+
+
+class WeakHook:
+    """A hook that calls a wrapper's method without holding the wrapper: the hooks a wrapper puts
+    on its module's tensors must not make ``copy.deepcopy(model.module)`` (an EMA copy, a scratch
+    copy for evaluation) or pickling copy the wrapper and its process group. A copy gets an inert
+    hook."""
+
+    def __init__(self, method: Callable[..., Any] | None) -> None:
+        self._method = None if method is None else weakref.WeakMethod(method)  # type: ignore[arg-type]
+
+    def __call__(self, *args: Any) -> Any:
+        method = None if self._method is None else self._method()
+        return None if method is None else method(*args)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> WeakHook:
+        return WeakHook(None)
+
+    def __reduce__(self) -> tuple[type, tuple[None]]:
+        return WeakHook, (None,)

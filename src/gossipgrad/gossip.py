@@ -141,8 +141,8 @@ class GossipDataParallel(nn.Module, Joinable):
         if self.world_size > 1:
             for p in module.parameters():
                 if p.requires_grad:
-                    p.register_post_accumulate_grad_hook(self._on_grad_ready)
-        module.register_load_state_dict_pre_hook(self._before_load)
+                    p.register_post_accumulate_grad_hook(_setup.WeakHook(self._on_grad_ready))
+        module.register_load_state_dict_pre_hook(_setup.WeakHook(self._before_load))
 
     # --- the training step -------------------------------------------------------------------
 

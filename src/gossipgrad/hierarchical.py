@@ -137,7 +137,7 @@ class HierarchicalDataParallel(nn.Module):
         if len(self.nodes) > 1:
             for p in module.parameters():
                 if p.requires_grad:
-                    p.register_post_accumulate_grad_hook(self._on_grad_ready)
+                    p.register_post_accumulate_grad_hook(_setup.WeakHook(self._on_grad_ready))
 
     # --- the training step -------------------------------------------------------------------
 
