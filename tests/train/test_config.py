@@ -138,6 +138,9 @@ def test_the_torch_free_choice_sets_equal_the_engines() -> None:
         "on_nonfinite": engine.on_nonfinite,
         "wire_dtype": names[engine.wire_dtype],
         "streams": engine.streams,
+        "gossip_every": engine.gossip_every,
+        "average_every": engine.average_every,
+        "tracking": engine.tracking,
     } == choices.ENGINE_DEFAULTS
 
 
@@ -150,3 +153,38 @@ def test_a_valid_config_makes_valid_engine_options() -> None:
     for bad in ({"streams": 17}, {"streams": 0}, {"bucket_mb": 0.0}):
         with pytest.raises(ConfigError, match=flag(next(iter(bad)))):
             replace(TrainConfig(), **bad).validate()
+
+
+def test_a_preset_sits_below_the_file_and_the_command_line(tmp_path) -> None:
+    from gossipgrad.train.config import PRESETS
+
+    cfg = load_config(["--preset", "slow-network"])
+    assert {k: getattr(cfg, k) for k in PRESETS["slow-network"]} == PRESETS["slow-network"]
+    toml = tmp_path / "run.toml"
+    toml.write_text('preset = "slow-network"\nwire_dtype = "int8"\n')
+    cfg = load_config(["--config", str(toml), "--gossip-every", "2"])
+    assert (cfg.preset, cfg.wire_dtype, cfg.gossip_every) == ("slow-network", "int8", 2)
+    assert load_config([]).gossip_every == 1  # no preset: the engine's defaults
+    with pytest.raises(SystemExit):
+        load_config(["--preset", "fast"])
+
+
+def test_help_lists_the_presets_and_their_values(capsys) -> None:
+    with pytest.raises(SystemExit):
+        load_config(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "slow-network = --gossip-every 8 --wire- dtype bfloat16" in text or (
+        "slow-network = --gossip-every 8 --wire-dtype bfloat16" in text
+    )
+
+
+def test_new_engine_options_map_and_name_their_flag() -> None:
+    options = TrainConfig(gossip_every=4, average_every=10, tracking=True).gossip_options()
+    assert (options.gossip_every, options.average_every, options.tracking) == (4, 10, True)
+    for bad, name in (
+        ({"mode": "gradients", "gossip_every": 2}, "--gossip-every"),
+        ({"mode": "gradients", "tracking": True}, "--tracking"),
+        ({"mode": "gradients", "wire_dtype": "int8"}, "--wire-dtype"),
+    ):
+        with pytest.raises(ConfigError, match=f"^{name}: "):
+            TrainConfig(**bad).validate().gossip_options()

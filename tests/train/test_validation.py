@@ -36,6 +36,7 @@ from gossipgrad.train.config import (
     MODES,
     ON_NONFINITE,
     OPTIMIZERS,
+    PRESET_NAMES,
     WIRE,
     TrainConfig,
     flag,
@@ -93,6 +94,8 @@ _NUMBERS = {
     "batch_size": _Range(int, 1),
     "seed": _Range(int, 0, 2**63 - 1),
     "streams": _Range(int, 1, 16),
+    "gossip_every": _Range(int, 1),
+    "average_every": _Range(int, 0),
     "max_steps": _Range(int, 0),
     "log_every": _Range(int, 1),
     "consensus_every": _Range(int, 0),
@@ -117,8 +120,9 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "on_nonfinite": ON_NONFINITE,
     "dataset": DATASETS,  # or module:function (tested in test_config.py)
     "model": ("auto", *MODELS),
+    "preset": PRESET_NAMES,
 }
-_BOOLS = ("sync", "quiet", "tensorboard")
+_BOOLS = ("sync", "tracking", "quiet", "tensorboard")
 _FREE = ("resume", "out")  # any text
 
 
@@ -163,7 +167,7 @@ _GOOD_OPTION = st.one_of(
     st.sampled_from(sorted(_CHOICES)).flatmap(
         lambda n: st.tuples(st.just(n), st.sampled_from(_CHOICES[n]))
     ),
-    st.tuples(st.sampled_from(("sync", "quiet")), st.booleans()),
+    st.tuples(st.sampled_from(("sync", "tracking", "quiet")), st.booleans()),
     st.tuples(st.sampled_from(_FREE), _TEXT),
 )
 

@@ -25,6 +25,9 @@ ENGINE_DEFAULTS: dict[str, object] = {
     "on_nonfinite": "raise",
     "wire_dtype": "none",
     "streams": 1,
+    "gossip_every": 1,
+    "average_every": 0,
+    "tracking": False,
 }
 
 # --- the job's (gossipgrad.train.data, gossipgrad.train.models) ---------------------------------

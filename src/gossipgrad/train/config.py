@@ -53,6 +53,7 @@ __all__ = [
     "ConfigError",
     "TrainConfig",
     "build_parser",
+    "PRESETS",
     "flag",
     "load_config",
     "read_toml",
@@ -61,6 +62,20 @@ _ENGINE: dict[str, Any] = ENGINE_DEFAULTS  # the engine's defaults, which the fl
 # Engine options whose flag has another name (field ``bucket_cap_mb``: ``--bucket-mb``), so that
 # an error of ``GossipOptions`` names the flag.
 _FLAG_OF = {"bucket_cap_mb": "bucket_mb", "timeout": "timeout_s"}
+
+
+# Named sets of flag values (``--preset NAME``), applied below the command line and --config.
+PRESETS: dict[str, dict[str, Any]] = {
+    # links that are the bottleneck: exchange 8x less often, at half the bytes
+    "slow-network": {"gossip_every": 8, "wire_dtype": "bfloat16"},
+}
+PRESET_NAMES: tuple[str, ...] = ("none", *PRESETS)
+
+
+def preset_text(name: str) -> str:
+    """``slow-network`` -> ``--gossip-every 8 --wire-dtype bfloat16``."""
+    pairs = PRESETS.get(name, {}).items()
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in pairs) or "nothing"
 
 
 _MAX_SEED = 2**63 - 1  # the shuffle's agreement check holds seeds in an int64
@@ -110,6 +125,14 @@ class TrainConfig:
         default="auto",
         metadata=_opt("cpu (gloo), cuda (NCCL, one GPU per rank), or auto", choices=DEVICES),
     )
+    preset: str = field(
+        default="none",
+        metadata=_opt(
+            "a named set of flag values, below --config and the command line: "
+            + "; ".join(f"{name} = {preset_text(name)}" for name in PRESETS),
+            choices=PRESET_NAMES,
+        ),
+    )
     # --- optimisation
     epochs: int = field(default=15, metadata=_opt("passes over the training set"))
     batch_size: int = field(default=32, metadata=_opt("samples per step on each rank"))
@@ -140,7 +163,27 @@ class TrainConfig:
     wire_dtype: str = field(
         default=_ENGINE["wire_dtype"],
         metadata=_opt(
-            "send parameters as bfloat16 or float16 (half the bytes), or none", choices=WIRE
+            "send parameters as bfloat16 or float16 (half the bytes), int8 (blockwise "
+            "quantized, 3.9x fewer bytes; --mode params), or none",
+            choices=WIRE,
+        ),
+    )
+    gossip_every: int = field(
+        default=_ENGINE["gossip_every"],
+        metadata=_opt("exchange with a partner every K steps, local steps between (--mode params)"),
+    )
+    average_every: int = field(
+        default=_ENGINE["average_every"],
+        metadata=_opt(
+            "every H steps, set every replica to the exact average (one all-reduce; "
+            "Gossip-PGA); 0: never"
+        ),
+    )
+    tracking: bool = field(
+        default=_ENGINE["tracking"],
+        metadata=_opt(
+            "gradient tracking: also gossip an estimate of the average gradient and step along "
+            "it (for data that differs between ranks; twice the bytes; --mode params)"
         ),
     )
     streams: int = field(
@@ -239,6 +282,8 @@ class TrainConfig:
                     raise ConfigError(f"{flag(option)}: {error}") from None
         _positive(self, "bucket_mb")
         _in_range(self, "streams", 1, MAX_STREAMS)
+        _at_least(self, "gossip_every", 1)
+        _at_least(self, "average_every", 0)
         if self.tensorboard and not _has_tensorboard():
             raise ConfigError(
                 "--tensorboard needs the tensorboard package: pip install 'gossipgrad[tensorboard]'"
@@ -261,6 +306,9 @@ class TrainConfig:
                 on_nonfinite=self.on_nonfinite,
                 wire_dtype=WIRE_DTYPES[self.wire_dtype],
                 streams=self.streams,
+                gossip_every=self.gossip_every,
+                average_every=self.average_every,
+                tracking=self.tracking,
             )
         except ValueError as error:
             name = re.match(r"\w*", str(error)).group()  # type: ignore[union-attr]
@@ -287,11 +335,21 @@ def load_config(argv: list[str], prog: str = "gossipgrad train") -> TrainConfig:
     try:
         values = read_toml(args.pop("config")) if "config" in args else {}
         values.update(args)
-        cfg = replace(TrainConfig(), **values)
+        cfg = replace(TrainConfig(), **with_preset(values))
         return cfg.validate()
     except ConfigError as error:
         parser.error(str(error))
         raise  # unreachable: parser.error exits
+
+
+def with_preset(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (the file's and the command line's) over the values of the preset they name."""
+    name = values.get("preset", "none")
+    if not isinstance(name, str):
+        return values  # validate() names the wrong type
+    if name not in PRESET_NAMES:
+        raise ConfigError(f"--preset must be one of {', '.join(PRESET_NAMES)}, got {name!r}")
+    return {**PRESETS.get(name, {}), **values}
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

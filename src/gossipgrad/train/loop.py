@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from gossipgrad import DataParallel, NonFiniteError, checkpoint, wrap
 from gossipgrad.mixing import constant_buffers, replica_tensors
 from gossipgrad.train import report, run_state
-from gossipgrad.train.config import TrainConfig, flag
+from gossipgrad.train.config import PRESETS, TrainConfig, flag
 from gossipgrad.train.data import load_dataset
 from gossipgrad.train.evaluation import evaluate
 from gossipgrad.train.metrics import Meter, MetricsLog
@@ -275,6 +275,7 @@ class TrainingLoop:
             "consensus_warnings": sum("warning" in r for r in progress.history),
             "run_dir": str(self.run_dir),
             "config": cfg.to_dict(),
+            "preset": {"name": cfg.preset, "values": PRESETS.get(cfg.preset, {})},
             "dataset": self.info.name,
             "model": self.model_name,
             "epochs": round(progress.step / self.steps_per_epoch, 3),
