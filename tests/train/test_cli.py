@@ -42,9 +42,13 @@ def test_train_both_algorithms_end_to_end(tmp_path: Path, temp_dir: Path, capsys
     out = capsys.readouterr().out
     table = out[out.index("digits, mlp, 2 ranks") :]
     assert "gossip" in table and "all-reduce" in table
-    for row in ("test accuracy (averaged model)", "wall time", "bytes sent / rank / step"):
+    rows = ("test accuracy (averaged model)", "training time", "bytes sent / rank / step")
+    rows += ("messages / rank / step", "rounds of latency / step", "benchmarks/network_bench.py")
+    for row in rows:
         assert row in table
+    assert "1 send + 1 recv" in table and "2 (2(p-1))" in table
     assert "consensus distance" in table
+    assert "wall time" in out and "of which training" in out
     for name in ("report.png", "summary.json"):
         assert (tmp_path / name).stat().st_size > 0
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -17,11 +17,12 @@ from gossipgrad import checkpoint
 from gossipgrad.train import cli, loop, sampling, worker
 from gossipgrad.train.config import TrainConfig
 
-_METRIC_KEYS = {"step", "epoch", "time", "loss", "acc", "consensus", "samples_per_s"}
+_METRIC_KEYS = {"step", "epoch", "time", "loss", "acc", "consensus", "lr", "samples_per_s"}
 
 
 def _train(rank: int, world: int, algo: str, out: str, options: dict) -> dict:
-    cfg = TrainConfig(algo=algo, out=out, quiet=True, log_every=5, consensus_every=5, **options)
+    options = {"log_every": 5, "consensus_every": 5, **options}
+    cfg = TrainConfig(algo=algo, out=out, quiet=True, **options)
     return loop.train(cfg.validate(), algo)
 
 
@@ -160,3 +161,52 @@ def test_gossip_every_and_int8_cut_the_bytes(tmp_path: Path) -> None:
     ratio = few["bytes_per_rank_per_step"] / plain[0]["bytes_per_rank_per_step"]
     assert ratio == pytest.approx(0.25 * 0.26, rel=0.15), ratio
     assert few["config"]["gossip_every"] == 4 and few["preset"] == {"name": "none", "values": {}}
+
+
+def test_resume_mid_warmup_follows_the_uninterrupted_schedule(tmp_path: Path) -> None:
+    # 11 steps per epoch: warmup to step 11, stop at 8 (mid-warmup), cosine after; max-steps
+    # stops the run early without reshaping the schedule (which spans --epochs).
+    straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+    options = {
+        "epochs": 3,
+        "batch_size": 64,
+        "checkpoint_every": 8,
+        "lr_schedule": "cosine",
+        "warmup_epochs": 1.0,
+        "amp": "bf16",
+        "grad_clip": 1.0,
+        "label_smoothing": 0.1,
+        "log_every": 1,
+    }
+    run_world(_train, 2, "gossip", straight, {**options, "max_steps": 16})
+    run_world(_train, 2, "gossip", stopped, {**options, "max_steps": 8})
+    run_world(_train, 2, "gossip", stopped, {**options, "max_steps": 16, "resume": "auto"})
+    a = torch.load(Path(straight) / "gossip" / "model.pt", weights_only=True)
+    b = torch.load(Path(stopped) / "gossip" / "model.pt", weights_only=True)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+    def lrs(run: str) -> list[float]:
+        lines = (Path(run) / "gossip" / "metrics.jsonl").read_text().splitlines()
+        return [r["lr"] for r in map(json.loads, lines) if "lr" in r]
+
+    assert lrs(straight) == lrs(stopped)
+    steps = lrs(straight)
+    assert steps[0] == pytest.approx(0.05 / 11) and steps[10] == pytest.approx(0.05)
+    assert steps[:11] == sorted(steps[:11]) and steps[11:] == sorted(steps[11:], reverse=True)
+
+
+def test_the_schedule_shapes() -> None:
+    from gossipgrad.train.recipe import lr_factor
+
+    assert [lr_factor(s, "constant", 2, 10) for s in range(3)] == [0.5, 1.0, 1.0]
+    assert lr_factor(2, "cosine", 2, 10) == 1.0 and lr_factor(10, "cosine", 2, 10) == 0.0
+    assert [lr_factor(s, "step", 0, 8) for s in (0, 3, 4, 6)] == pytest.approx([1, 1, 0.1, 0.01])
+
+
+def test_fp16_is_refused_off_cuda() -> None:
+    from gossipgrad.train.recipe import check_amp
+
+    with pytest.raises(ValueError, match="--amp fp16 needs a CUDA device.*--amp bf16"):
+        check_amp("fp16", torch.device("cpu"))
+    check_amp("bf16", torch.device("cpu"))

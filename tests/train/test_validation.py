@@ -95,6 +95,7 @@ _NUMBERS = {
     "seed": _Range(int, 0, 2**63 - 1),
     "streams": _Range(int, 1, 16),
     "gossip_every": _Range(int, 1),
+    "ranks_per_node": _Range(int, 0),
     "average_every": _Range(int, 0),
     "max_steps": _Range(int, 0),
     "log_every": _Range(int, 1),
@@ -105,6 +106,9 @@ _NUMBERS = {
     "lr": _Range(float, 0.0, low_open=True),
     "momentum": _Range(float, 0.0, 1.0, high_open=True),
     "weight_decay": _Range(float, 0.0),
+    "warmup_epochs": _Range(float, 0.0),
+    "grad_clip": _Range(float, 0.0),
+    "label_smoothing": _Range(float, 0.0, 1.0, high_open=True),
     "shuffle_fraction": _Range(float, 0.0, 1.0),
     "bucket_mb": _Range(float, 0.0, low_open=True),
     "timeout_s": _Range(float, 0.0, 7 * 24 * 3600, low_open=True),
@@ -121,6 +125,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "dataset": DATASETS,  # or module:function (tested in test_config.py)
     "model": ("auto", *MODELS),
     "preset": PRESET_NAMES,
+    "lr_schedule": ("constant", "cosine", "step"),
+    "amp": ("none", "bf16", "fp16"),
 }
 _BOOLS = ("sync", "tracking", "quiet", "tensorboard")
 _FREE = ("resume", "out")  # any text

@@ -45,3 +45,5 @@ MODELS: tuple[str, ...] = (
 ALGOS: tuple[str, ...] = (*ENGINE_ALGOS, "both")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine", "step")  # gossipgrad.train.recipe
+AMP: tuple[str, ...] = ("none", "bf16", "fp16")

@@ -27,9 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 from gossipgrad.train.choices import (
     ALGOS,
+    AMP,
     DATASETS,
     DEVICES,
     ENGINE_DEFAULTS,
+    LR_SCHEDULES,
     MAX_STREAMS,
     MODELS,
     MODES,
@@ -143,6 +145,31 @@ class TrainConfig:
         default="sgd", metadata=_opt("each rank's own optimizer", choices=OPTIMIZERS)
     )
     seed: int = field(default=0, metadata=_opt("seeds the model, data split, sampler, schedule"))
+    lr_schedule: str = field(
+        default="constant",
+        metadata=_opt(
+            "learning rate after the warmup: constant, cosine (to 0 at the end of --epochs), or "
+            "step (x0.1 at 1/2 and 3/4 of --epochs)",
+            choices=LR_SCHEDULES,
+        ),
+    )
+    warmup_epochs: float = field(
+        default=0.0,
+        metadata=_opt("epochs of linear warmup to --lr, step by step (0: none)"),
+    )
+    amp: str = field(
+        default="none",
+        metadata=_opt(
+            "mixed precision (autocast): bf16, or fp16 (CUDA only, with a GradScaler)",
+            choices=AMP,
+        ),
+    )
+    grad_clip: float = field(
+        default=0.0, metadata=_opt("clip each rank's gradient to this norm (0: off)")
+    )
+    label_smoothing: float = field(
+        default=0.0, metadata=_opt("label smoothing of the cross-entropy (0 to 1)")
+    )
     # --- gossip
     schedule: str = field(
         default=_ENGINE["schedule"], metadata=_opt("gossip partner schedule", choices=SCHEDULES)
@@ -198,6 +225,13 @@ class TrainConfig:
         default=_ENGINE["timeout_s"],
         metadata=_opt("seconds to wait for a peer before failing"),
     )
+    ranks_per_node: int = field(
+        default=0,
+        metadata=_opt(
+            "--algo hierarchical: ranks per node (consecutive ranks share one; to emulate nodes "
+            "on one machine); 0: torchrun's layout, or one node under gossipgrad train"
+        ),
+    )
     # --- length, logging, checkpoints
     max_steps: int = field(default=0, metadata=_opt("stop after this many steps (0: no cap)"))
     log_every: int = field(default=10, metadata=_opt("steps between metric records"))
@@ -250,6 +284,9 @@ class TrainConfig:
         _in_range(self, "momentum", 0.0, 1.0, upper_open=True)
         _at_least(self, "weight_decay", 0.0)
         _in_range(self, "shuffle_fraction", 0.0, 1.0)
+        _at_least(self, "warmup_epochs", 0.0)
+        _at_least(self, "grad_clip", 0.0)
+        _in_range(self, "label_smoothing", 0.0, 1.0, upper_open=True)
         if not 0 <= self.seed <= _MAX_SEED:
             raise ConfigError(f"--seed must be in [0, 2**63 - 1], got {self.seed}")
         _positive(self, "timeout_s")
@@ -283,6 +320,7 @@ class TrainConfig:
         _positive(self, "bucket_mb")
         _in_range(self, "streams", 1, MAX_STREAMS)
         _at_least(self, "gossip_every", 1)
+        _at_least(self, "ranks_per_node", 0)
         _at_least(self, "average_every", 0)
         if self.tensorboard and not _has_tensorboard():
             raise ConfigError(

@@ -46,6 +46,7 @@ from gossipgrad.train.config import ConfigError, TrainConfig
 from gossipgrad.train.data import load_dataset
 from gossipgrad.train.lock import RunBusyError, run_lock
 from gossipgrad.train.models import build_model, default_model
+from gossipgrad.train.recipe import check_amp
 from gossipgrad.train.worker import default_out, worker
 
 
@@ -81,9 +82,11 @@ def _train_locked(cfg: TrainConfig, out: Path) -> int:
             return 128 + signum
     summary = report.write_report(out)
     print(f"\n{summary['table']}")
+    training = sum(run["train_time_s"] for run in summary["runs"].values())
     print(
         f"\nrun folder {out} (report.png, summary.json, <algo>/model.pt, metrics.jsonl); "
-        f"total {time.perf_counter() - began:.0f} s"
+        f"wall time {time.perf_counter() - began:.0f} s, of which training {training:.1f} s "
+        "(the rest: starting workers, loading data, evaluating, writing)"
     )
     return 0
 
@@ -104,6 +107,7 @@ def preflight(cfg: TrainConfig) -> str | None:
         model = _check_data_and_model(cfg)
         _check_schedule(cfg)
         _check_device(cfg)
+        _check_layout(cfg)
         for algo in cfg.algos():
             run_state.check_resume(cfg, algo, model)
     except (ConfigError, _Refused, run_state.ResumeError) as error:
@@ -138,9 +142,23 @@ def _check_schedule(cfg: TrainConfig) -> None:
         raise _Refused(f"--schedule {cfg.schedule} with --nproc {cfg.nproc}: {error}") from None
 
 
+def _check_layout(cfg: TrainConfig) -> None:
+    rpn, world = cfg.ranks_per_node, cfg.nproc
+    if "hierarchical" in cfg.algos() and rpn and (rpn > world or world % rpn):
+        divisors = [k for k in range(1, world + 1) if world % k == 0]
+        raise _Refused(
+            f"--ranks-per-node must divide --nproc {world} (one of {divisors}), got {rpn}"
+        )
+
+
 def _check_device(cfg: TrainConfig) -> None:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise _Refused("--device cuda: no CUDA device is available here; use --device cpu")
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    try:
+        check_amp(cfg.amp, torch.device("cuda" if cuda else "cpu"))
+    except ValueError as error:
+        raise _Refused(str(error)) from None
 
 
 # --- the workers --------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from gossipgrad.train.data import load_dataset
 from gossipgrad.train.evaluation import evaluate
 from gossipgrad.train.metrics import Meter, MetricsLog
 from gossipgrad.train.models import build_model, default_model, task_loss
+from gossipgrad.train.recipe import Recipe
 from gossipgrad.train.run_state import Progress
 from gossipgrad.train.sampling import JobSampler, make_sampler
 
@@ -79,6 +80,8 @@ class TrainingLoop:
     sampler: JobSampler
     progress: Progress
     resumed: run_state.Resumed | None
+    recipe: Recipe
+    saved_recipe: dict[str, Any] | None = None  # the checkpoint's, until the recipe is built
 
     def __init__(self, cfg: TrainConfig, algo: str) -> None:
         """Setup (collective): the data, the model and its wrapper, the optimizer and sampler,
@@ -91,6 +94,7 @@ class TrainingLoop:
         self.device = pick_device(cfg)
         self._build()
         self._restore()
+        self._warn_one_node()
         self._announce()
         self.log = self._open_log() if self.rank == 0 else None
 
@@ -102,7 +106,7 @@ class TrainingLoop:
         self.module = build_model(self.model_name, self.info).to(self.device)
         self.constants = constant_buffers(self.module)  # e.g. a causal mask of -inf
         self.scratch = self._scratch_module()  # before wrap() adds hooks to the module
-        self.model = wrap(self.module, self.algo, cfg.gossip_options())
+        self.model = wrap(self.module, self.algo, cfg.gossip_options(), **self._layout())
         self.optimizer = make_optimizer(cfg, self.module)
         self.sampler = make_sampler(cfg, self.algo, self.train_set)
         self.loader = DataLoader(
@@ -116,12 +120,33 @@ class TrainingLoop:
         seed_everything(cfg.seed + 1 + self.rank)  # this rank's own stream (dropout, augmentation)
         self.identity = {"algo": self.algo, "dataset": cfg.dataset, "model": self.model_name}
 
+    def _layout(self) -> dict[str, Any]:
+        """``wrap``'s ``ranks_per_node`` for ``--algo hierarchical``: ``--ranks-per-node``, else
+        torchrun's layout, else (a plain local launch) one node."""
+        if self.algo != "hierarchical":
+            return {}
+        if self.cfg.ranks_per_node:
+            return {"ranks_per_node": self.cfg.ranks_per_node}
+        return {} if "GROUP_RANK" in os.environ else {"ranks_per_node": self.world}
+
+    def _warn_one_node(self) -> None:
+        nodes = getattr(self.model, "nodes", None)
+        if self.algo == "hierarchical" and nodes is not None and len(nodes) == 1 and self.rank == 0:
+            sys.stderr.write(
+                "gossipgrad: warning: hierarchical: every rank is on one node, so this is "
+                "all-reduce with no gossip (0 bytes between nodes); emulate nodes with "
+                "--ranks-per-node K (K divides the number of ranks)\n"
+            )
+
     def _restore(self) -> None:
         """Load what ``--resume`` names, start the stopwatch where it stopped, and work out the
         step to stop at."""
         self.progress = Progress(meter=Meter(self.device))
         self.resumed = run_state.resume(self)
         apply_optimizer_settings(self.cfg, self.optimizer)  # the flags win over the checkpoint
+        self.recipe = Recipe(self.cfg, self.optimizer, self.device, self.steps_per_epoch)
+        if self.resumed is not None:
+            self.recipe.load_state_dict(self.saved_recipe, self.progress.step)
         self.watch = Stopwatch(self.progress.elapsed_s)
         self.progress.meter.started = self.progress.elapsed_s
         self.total_steps = self._total_steps()
@@ -146,11 +171,10 @@ class TrainingLoop:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """One training step on this rank's batch ``(x, y)``."""
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        output = self.model(x)
-        loss = task_loss(output, y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        with self.recipe.autocast():
+            output = self.model(x)
+            loss = task_loss(output, y, self.cfg.label_smoothing)
+        self.recipe.backward_and_step(loss, self.module)
         self.progress.step += 1
         self.progress.bytes_sent += self.model.bytes_sent_last_step
         self.progress.meter.add(loss, output, y)
@@ -182,6 +206,7 @@ class TrainingLoop:
             "loss": totals.loss,
             "acc": totals.acc,
             "consensus": None,
+            "lr": self.recipe.lr(),
             "samples_per_s": totals.samples / max(now - progress.meter.started, 1e-9),
         }
         if self._consensus_due():

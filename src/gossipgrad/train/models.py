@@ -93,9 +93,12 @@ def load_user_model(spec: str, info: DatasetInfo) -> nn.Module:
     return model
 
 
-def task_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy; for ``lm`` output ``[B, T, V]`` against targets ``[B, T]``."""
-    return F.cross_entropy(output.flatten(0, -2), target.flatten())
+def task_loss(
+    output: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Mean cross-entropy (``--label-smoothing``); for ``lm`` output ``[B, T, V]`` against
+    targets ``[B, T]``."""
+    return F.cross_entropy(output.flatten(0, -2), target.flatten(), label_smoothing=label_smoothing)
 
 
 # --- MLPs ---------------------------------------------------------------------------------------

@@ -47,8 +47,10 @@ def format_table(summaries: dict[str, dict[str, Any]]) -> str:
     rows: list[tuple[str, Any]] = [
         ("test accuracy (averaged model)", lambda s: f"{s['test_accuracy']:.2%}"),
         ("test loss", lambda s: f"{s['test_loss']:.4f}"),
-        ("wall time", lambda s: f"{s['train_time_s']:.1f} s"),
+        ("training time", lambda s: f"{s['train_time_s']:.1f} s"),
         ("bytes sent / rank / step", lambda s: _bytes(s["bytes_per_rank_per_step"])),
+        ("messages / rank / step", _messages),
+        ("rounds of latency / step", _rounds),
         ("consensus distance (end)", lambda s: f"{s['consensus_distance']:.2e}"),
         ("samples / s", lambda s: f"{s['samples_per_s']:,.0f}"),
         ("steps", lambda s: f"{s['steps']}"),
@@ -62,7 +64,44 @@ def format_table(summaries: dict[str, dict[str, Any]]) -> str:
     first = next(iter(summaries.values()), None)
     if first is not None:
         lines.insert(0, setting(first))
+    lines.append(LOOPBACK_NOTE)
     return "\n".join(lines)
+
+
+LOOPBACK_NOTE = (
+    "note: ranks on one machine talk over loopback, so times here measure CPU, not a network;\n"
+    "      for links, see benchmarks/network_bench.py (and the messages and rounds above)"
+)
+
+
+def _every(s: dict[str, Any]) -> int:
+    return int((s.get("config") or {}).get("gossip_every", 1) or 1)
+
+
+def _messages(s: dict[str, Any]) -> str:
+    """Structural: gossip sends one message to its partner and receives one (per bucket), every
+    ``--gossip-every`` steps; a ring all-reduce sends 2(p-1) per bucket."""
+    p, algo = s["world_size"], s["algo"]
+    if p == 1:
+        return "0"
+    if algo == "allreduce":
+        return f"{2 * (p - 1)} sends + {2 * (p - 1)} recvs"
+    every = _every(s)
+    per = "1 send + 1 recv"
+    return per if every == 1 else f"({per}) / {every}"
+
+
+def _rounds(s: dict[str, Any]) -> str:
+    """Structural: messages that wait on each other per step (ring all-reduce: 2(p-1))."""
+    p, algo = s["world_size"], s["algo"]
+    if p == 1:
+        return "0"
+    if algo == "allreduce":
+        return f"{2 * (p - 1)} (2(p-1))"
+    if algo == "hierarchical":
+        return "2(r-1) in a node + 1"
+    every = _every(s)
+    return "1" if every == 1 else f"1 / {every}"
 
 
 def setting(summary: dict[str, Any]) -> str:
@@ -105,11 +144,11 @@ def plot_report(
             ax.plot(xs, ys, color=_COLORS.get(algo), label=_LABELS.get(algo, algo), lw=1.6)
         ax.set_title(f"{title} vs {'wall time' if x_key == 'time' else 'step'}")
         ax.set_xlabel("wall time (s)" if x_key == "time" else "step")
-        ax.set_ylabel(y_key if y_key == "loss" else "accuracy")
+        ax.set_ylabel("training loss" if y_key == "loss" else "training accuracy")
         if y_key == "loss":
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend()
+        _legend(ax)
     _plot_held_out(axes[1, 1], records)
 
     ax = axes[0, 2]
@@ -117,6 +156,9 @@ def plot_report(
         xs, ys = _series(recs, "time", "consensus")
         positive = [(x, y) for x, y in zip(xs, ys, strict=True) if y > 0]
         label = _LABELS.get(algo, algo)
+        if positive and algo == "allreduce":
+            # the parameters are identical; BatchNorm's running statistics are each rank's own
+            label += ": parameters identical, BatchNorm running stats per rank"
         if positive:
             ax.plot(*zip(*positive, strict=True), color=_COLORS.get(algo), label=label, lw=1.6)
         elif xs:
@@ -125,13 +167,14 @@ def plot_report(
     ax.set_title("consensus distance ||x_i - mean|| / ||mean||")
     ax.set_xlabel("wall time (s)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    _legend(ax)
 
     ax = axes[1, 2]
     ax.axis("off")
     ax.text(0.0, 0.95, format_table(summaries), family="monospace", fontsize=10, va="top")
     first = next(iter(summaries.values()))
-    fig.suptitle(f"gossipgrad: gossip vs all-reduce ({setting(first)})", fontsize=14)
+    names = " vs ".join(_LABELS.get(a, a) for a in summaries)
+    fig.suptitle(f"gossipgrad: {names} ({setting(first)})", fontsize=14)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -149,6 +192,13 @@ def _plot_held_out(ax: Any, records: dict[str, list[dict[str, Any]]]) -> None:
     if shown:
         ax.set_title("accuracy vs training time (evaluations excluded)")
         ax.set_xlabel("training time (s)")
+        ax.set_ylabel("training accuracy (lines), test accuracy (dashed)")
+        _legend(ax)
+
+
+def _legend(ax: Any) -> None:
+    """A legend where something is labelled (a short run may have no points yet)."""
+    if ax.get_legend_handles_labels()[0]:
         ax.legend()
 
 

@@ -14,8 +14,11 @@ Resuming:
 - The algorithm, dataset, model, optimizer, seed, schedule and shuffle fraction of a run are
   fixed (``FIXED``): a resume that changes one is refused up front, naming the flag and both
   values. Every other flag may change (lr, epochs, max steps, logging, evaluation and checkpoint
-  cadence, engine options...): it is applied (the optimizer's hyperparameters are set from the
-  flags after its state is loaded) and recorded as ``{flag: [checkpoint's, this run's]}``.
+  cadence, engine options, the recipe: --lr-schedule, --warmup-epochs, --amp, --grad-clip,
+  --label-smoothing, which are hyperparameters like --lr, applied from the resumed step on; the
+  schedule's position is the step, and the GradScaler's scale is kept while --amp stays fp16):
+  it is applied (the optimizer's hyperparameters are set from the flags after its state is
+  loaded) and recorded as ``{flag: [checkpoint's, this run's]}``.
 - On the same number of ranks the run continues bit for bit. On another number (``q`` ranks from
   a checkpoint of ``p``), every rank starts from the exact average of the ``p`` saved replicas;
   the optimizer state (momentum, Adam moments) is averaged the same way, element by element; the
@@ -149,6 +152,7 @@ def save(loop: TrainingLoop) -> None:
         "optim": loop.optimizer.state_dict(),
         "sampler": loop.sampler.state_dict(),
         "gossip": loop.model.gossip_state(),
+        "recipe": loop.recipe.state_dict(),  # the learning-rate schedule and the GradScaler
         "rng": {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -206,6 +210,7 @@ def _load(loop: TrainingLoop, path: Path) -> int:
     loop.model.module.load_state_dict(state["model"])
     loop.optimizer.load_state_dict(state["optim"])
     loop.model.load_gossip_state(state["gossip"])
+    loop.saved_recipe = state.get("recipe")  # loaded once the recipe is built (after this)
     _load_progress(loop.progress, state["progress"])
     return saved
 
