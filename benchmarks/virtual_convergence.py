@@ -21,6 +21,8 @@ schedule, cadence, tracking and mixing code) for p in ``--p`` (default 4 8 16 32
 - ``gradients``: gradients averaged with the step's partner only (``mode="gradients"``);
 - ``pga``: overlapped gossip and an exact average every ``--pga-every`` steps (Gossip-PGA,
   ``average_every``);
+- ``pga-state``: ``pga``, and the periodic average also averages the optimizers' state (momentum,
+  Adam's moments; an experiment: the engine's ``average_every`` averages the replicas only);
 - ``tracking``: overlapped gossip with gradient tracking (``tracking=True``: the optimizer steps
   along the tracked average gradient);
 - ``tracking-pga``: both;
@@ -52,10 +54,13 @@ default (``--threads``); one run of the teacher task takes about 10 s of CPU.
 from __future__ import annotations
 
 import argparse
+import fcntl
+import hashlib
 import json
 import math
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -80,6 +85,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "overlapped": ("gossip overlapped", {"algo": "gossip", "mode": "params", "sync": False}),
     "gradients": ("gossip gradients", {"algo": "gossip", "mode": "gradients", "sync": True}),
     "pga": ("gossip + PGA", {"algo": "gossip", "sync": False, "average_every": "PGA"}),
+    "pga-state": (
+        "gossip + PGA(state)",
+        {"algo": "gossip", "sync": False, "average_every": "PGA"},
+    ),
     "tracking": ("gossip + tracking", {"algo": "gossip", "sync": False, "tracking": True}),
     "tracking-pga": (
         "gossip + tracking + PGA",
@@ -202,6 +211,39 @@ class TrackerAveragingCluster(VirtualCluster):
                     t.copy_(mean)
 
 
+class StateAveragingCluster(VirtualCluster):
+    """Variant ``pga-state``: the periodic exact average also replaces every optimizer state
+    tensor (SGD's momentum, AdamW's moments, Muon's momentum) by the mean over replicas."""
+
+    @torch.no_grad()
+    def average_replicas(self) -> None:
+        super().average_replicas()
+        per_replica = [
+            [_state(opt, p) for p in r.parameters()]
+            for r, opt in zip(self.replicas, self.optimizers, strict=True)
+        ]
+        for states in zip(*per_replica, strict=True):
+            for name, value in states[0].items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and value.ndim:
+                    mean = torch.stack([s[name] for s in states]).mean(0)
+                    for s in states:
+                        s[name].copy_(mean)
+
+
+def _state(optimizer: Any, p: torch.Tensor) -> dict[str, Any]:
+    """``p``'s state in ``optimizer`` (or in one of a ``MuonAdamW``'s)."""
+    for o in getattr(optimizer, "optimizers", [optimizer]):
+        if p in o.state:
+            return o.state[p]
+    return {}
+
+
+CLUSTERS: dict[str, type[VirtualCluster]] = {
+    "tracking-pga-y": TrackerAveragingCluster,
+    "pga-state": StateAveragingCluster,
+}
+
+
 def main() -> None:
     args = _parse()
     torch.set_num_threads(args.threads)
@@ -221,9 +263,8 @@ def main() -> None:
                         result = _run(model, p, make_optimizer, key, data, args, seed, partition,
                                       shuffle)  # fmt: skip
                         done = {**ident, **asdict(result)}
-                        stored = [r for r in stored if not _same(r, ident)] + [done]
                         if args.out:
-                            _save(args.out, stored)
+                            _save(args.out, done, ident)
                     runs.append(done)
                     print(
                         f"seed={seed} {partition}:{shuffle} p={p:3d} {VARIANTS[key][0]:26s} "
@@ -270,19 +311,25 @@ def _load(path: Path) -> list[dict[str, Any]]:
     return list(json.loads(path.read_text())["runs"])
 
 
-def _save(path: Path, runs: list[dict[str, Any]]) -> None:
+def _save(path: Path, run: dict[str, Any], ident: dict[str, Any]) -> None:
+    """Add ``run`` to the file (replacing a run with the same identity), under a lock: several
+    processes may add to one file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {
-        "benchmark": "benchmarks/virtual_convergence.py",
-        "fields": "averaged_accuracy: test accuracy of the exact mean of the replicas at the "
-        "end; replica_accuracy: mean test accuracy of the replicas before that; consensus: "
-        "RMS ||x_i - mean|| / ||mean|| at the end; seconds: wall time of the run",
-        "torch": torch.__version__,
-        "runs": runs,
-    }
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, path)
+    key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    with open(Path(tempfile.gettempdir()) / f"virtual_convergence-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        runs = [r for r in _load(path) if not _same(r, ident)] + [run]
+        doc = {
+            "benchmark": "benchmarks/virtual_convergence.py",
+            "fields": "averaged_accuracy: test accuracy of the exact mean of the replicas at the "
+            "end; replica_accuracy: mean test accuracy of the replicas before that; consensus: "
+            "RMS ||x_i - mean|| / ||mean|| at the end; seconds: wall time of the run",
+            "torch": torch.__version__,
+            "runs": runs,
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        os.replace(tmp, path)
 
 
 def _run(
@@ -300,7 +347,7 @@ def _run(
     """One run; ``replicas_out`` gets each replica's parameters (flat) at the end of training."""
     start = time.perf_counter()
     options = variant_options(key, args.pga_every, args.gossip_every)
-    kind = TrackerAveragingCluster if key == "tracking-pga-y" else VirtualCluster
+    kind = CLUSTERS.get(key, VirtualCluster)
     cluster = kind(model, p, make_optimizer, schedule=args.schedule, seed=seed, **options)
     batches = replica_batches(
         data.y_train,
