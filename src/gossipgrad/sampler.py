@@ -26,10 +26,42 @@ Two forms:
 Both are collective to build (every rank, same order): they make their own gloo group (so their
 messages never mix with the training's) and check with one small ``all_gather`` that the ranks
 agree. State is per rank: save ``state_dict()`` on every rank, resume with ``load_state_dict``.
+
+Work balancing (``balance=True``, both forms): gossip steps in lockstep with partners, so one slow
+rank would slow everyone. Instead, every rank takes the same number of steps per epoch and a fast
+rank takes bigger batches: the shuffle moves samples from slow ranks to fast ones so that shard
+sizes follow the ranks' speeds. Each rank reports its compute (``report_speed(samples,
+busy_seconds)``, time waiting for peers excluded); at the next ``set_epoch`` its speed is the
+epoch's samples / seconds (unchanged if nothing was reported; 1.0 on every rank at first), and
+it trades ``(shard size, speed)`` with both partners of the new epoch before the rows move. Each
+pair then moves, on top of the plain shuffle's count, the rows that equalise ``size / speed``
+between the two, never leaving a shard under ``max(1, ceil(N / (8 p)))`` rows
+(``gossipgrad._shuffle_plan.balanced_count``). The samples still travel while the epoch runs;
+the sizes change at the next epoch. Iterate with ``batch_sampler(batch_size)``, which gives
+every rank ``L = ceil(N / (p * batch_size))`` batches per epoch (``batch_size >= 8``) that cover
+its shard once, so every sample is visited exactly once per epoch, and ``weight(len(batch))``,
+the factor of the loss that makes the replicas' mean the sample-weighted gradient::
+
+    sampler = GossipShuffleSampler(train_set, balance=True)
+    batches = sampler.batch_sampler(batch_size=64)
+    loader = DataLoader(train_set, batch_sampler=batches)
+    for epoch in range(epochs):
+        batches.set_epoch(epoch)
+        for x, y in loader:
+            t0 = time.perf_counter()
+            waited = model.wait_time_s              # GossipDataParallel: cumulative seconds
+            loss = loss_fn(model(x), y) * batches.weight(len(y))
+            loss.backward(); optimizer.step(); optimizer.zero_grad()
+            busy = time.perf_counter() - t0 - (model.wait_time_s - waited)
+            sampler.report_speed(len(y), busy)
+    sampler.flush()
+
+``balance=False`` (the default) keeps equal shard sizes; ``batch_sampler`` works there too.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator, Sequence, Sized
 from datetime import timedelta
 from typing import Any
@@ -43,7 +75,16 @@ from gossipgrad._shard import Options, Shard, resolve_group
 from gossipgrad._shuffle_plan import check_shards, label_skew_shards, strided_shard
 from gossipgrad.collectives import agree, crc
 
-__all__ = ["GossipShuffleDataset", "GossipShuffleSampler", "label_skew_shards"]
+__all__ = [
+    "BalancedBatchSampler",
+    "GossipShuffleDataset",
+    "GossipShuffleSampler",
+    "label_skew_shards",
+]
+
+# The smallest batch_size of a balanced BalancedBatchSampler: balance mode keeps every shard at
+# ``_shuffle_plan.min_shard(N, p) = ceil(N / (8 p))`` rows or more, at least the batches per epoch.
+_MIN_BALANCED_BATCH = 8
 
 
 class GossipShuffleSampler(Sampler[int]):
@@ -64,6 +105,8 @@ class GossipShuffleSampler(Sampler[int]):
             (e.g. ``label_skew_shards(labels, p)``); default: ids ``rank::p``.
         process_group: a gloo group to exchange in (default: a new gloo group over the world).
         timeout: how long to wait for a partner's ids before raising ``PeerError``.
+        balance: shard sizes follow the ranks' speeds (``report_speed``); iterate with
+            ``batch_sampler`` (see the module docstring). Not with ``drop_last``.
     """
 
     def __init__(
@@ -80,8 +123,9 @@ class GossipShuffleSampler(Sampler[int]):
         initial_shards: Sequence[Sequence[int] | np.ndarray] | None = None,
         process_group: dist.ProcessGroup | None = None,
         timeout: timedelta = timedelta(minutes=5),
+        balance: bool = False,
     ) -> None:
-        options = Options(seed, shuffle, drop_last, shuffle_fraction, schedule, timeout)
+        options = Options(seed, shuffle, drop_last, shuffle_fraction, schedule, timeout, balance)
         group, world, me = resolve_group(process_group, num_replicas, rank)
         n = len(dataset)
         shards_crc = crc(np.asarray(s, dtype=np.int64).tobytes() for s in initial_shards or [])
@@ -116,7 +160,8 @@ class GossipShuffleSampler(Sampler[int]):
         return (ids[pos] for pos in positions)
 
     def __len__(self) -> int:
-        return self.num_samples
+        """Indices yielded per epoch: ``num_samples``; with ``balance``, this epoch's shard."""
+        return self._shard.epoch_length
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch``: completes the previous epoch's exchange (normally already arrived)
@@ -126,6 +171,17 @@ class GossipShuffleSampler(Sampler[int]):
     def flush(self) -> None:
         """Wait for the exchange in flight; call before ``destroy_process_group``."""
         self._shard.flush()
+
+    def report_speed(self, samples: int, seconds: float) -> None:
+        """Add ``samples`` processed in ``seconds`` of compute (time waiting for peers excluded)
+        to this epoch's measurement; ``balance`` sizes the shards of the next epoch by the
+        epoch's samples / seconds. Call on every step, or once per epoch with the totals."""
+        self._shard.report_speed(samples, seconds)
+
+    def batch_sampler(self, batch_size: int) -> BalancedBatchSampler:
+        """Batches of ids for ``DataLoader(dataset, batch_sampler=...)``: the same number on every
+        rank each epoch, covering this rank's shard once (see ``BalancedBatchSampler``)."""
+        return BalancedBatchSampler(self._shard, batch_size, ids=True)
 
     @property
     def epoch(self) -> int:
@@ -186,8 +242,9 @@ class GossipShuffleDataset(Dataset[tuple[torch.Tensor, ...]]):
         schedule: str = "dissemination",
         process_group: dist.ProcessGroup | None = None,
         timeout: timedelta = timedelta(minutes=5),
+        balance: bool = False,
     ) -> None:
-        options = Options(seed, shuffle, drop_last, shuffle_fraction, schedule, timeout)
+        options = Options(seed, shuffle, drop_last, shuffle_fraction, schedule, timeout, balance)
         _check_tensors(tensors, ids)
         group, world, me = resolve_group(process_group, None, None)
         rows = tensors[0].shape[0]
@@ -228,6 +285,15 @@ class GossipShuffleDataset(Dataset[tuple[torch.Tensor, ...]]):
         """Start ``epoch``: the samples that arrived join, this epoch's leavers are sent."""
         self._shard.set_epoch(epoch)
 
+    def report_speed(self, samples: int, seconds: float) -> None:
+        """As ``GossipShuffleSampler.report_speed`` (also ``dataset.sampler.report_speed``)."""
+        self._shard.report_speed(samples, seconds)
+
+    def batch_sampler(self, batch_size: int) -> BalancedBatchSampler:
+        """As ``GossipShuffleSampler.batch_sampler``, yielding local positions (rows of
+        ``tensors``): ``DataLoader(dataset, batch_sampler=dataset.batch_sampler(64))``."""
+        return BalancedBatchSampler(self._shard, batch_size, ids=False)
+
     def flush(self) -> None:
         self._shard.flush()
 
@@ -253,9 +319,80 @@ class _LocalSampler(Sampler[int]):
         return self._shard.positions()
 
     def __len__(self) -> int:
-        return self._shard.length
+        return self._shard.epoch_length
 
     def set_epoch(self, epoch: int) -> None:
+        self._shard.set_epoch(epoch)
+
+    def report_speed(self, samples: int, seconds: float) -> None:
+        self._shard.report_speed(samples, seconds)
+
+    def batch_sampler(self, batch_size: int) -> BalancedBatchSampler:
+        return BalancedBatchSampler(self._shard, batch_size, ids=False)
+
+
+class BalancedBatchSampler(Sampler[list[int]]):
+    """Batches for ``DataLoader(dataset, batch_sampler=...)`` that keep the ranks in lockstep:
+    every rank yields ``L = ceil(N / (p * batch_size))`` non-empty batches per epoch (``N``
+    samples, ``p`` ranks), the consecutive chunks (``np.array_split``) of its shard in its seeded
+    local order, so each sample is seen once per epoch. With ``balance=True`` a fast rank's shard,
+    hence its batches, are bigger; ``weight(len(batch))`` scales its loss accordingly.
+
+    Get one from ``sampler.batch_sampler(batch_size)``; it shares the sampler's position, so
+    ``state_dict``/``load_state_dict`` of the sampler resume it at a batch boundary."""
+
+    def __init__(self, shard: Shard, batch_size: int, *, ids: bool) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(
+                f"batch_size must be a positive integer (samples per batch on an average rank), "
+                f"got {batch_size!r}"
+            )
+        if shard.options.balance and batch_size < _MIN_BALANCED_BATCH:
+            raise ValueError(
+                f"batch_size={batch_size} is too small for balance=True: balancing may shrink a "
+                f"slow rank's shard to ceil(N / (8 p)) samples, fewer than the batches per epoch "
+                f"of a batch_size under {_MIN_BALANCED_BATCH}; use batch_size >= "
+                f"{_MIN_BALANCED_BATCH} (and scale the learning rate) or balance=False"
+            )
+        self._shard, self._ids = shard, ids
+        self.batch_size = batch_size
+        self.num_batches = -(-shard.total // (shard.world_size * batch_size))
+        if min(shard.sizes) < self.num_batches:
+            raise ValueError(
+                f"batch_size={batch_size} gives {self.num_batches} batches per epoch, more than "
+                f"the {min(shard.sizes)} samples of rank {shard.sizes.index(min(shard.sizes))}'s "
+                "initial shard, so some batch would be empty: raise batch_size or give that "
+                "rank more samples (initial_shards)"
+            )
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._shard.batches(self.num_batches)
+        if not self._ids:
+            return batches
+        ids = self._shard.tensors[0].tolist()
+        return ([ids[pos] for pos in batch] for batch in batches)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def weight(self, batch_len: int) -> float:
+        """``batch_len * L * p / N``: multiply this rank's mean loss by it, so that the replicas'
+        mean gradient is the sample-weighted mean over every rank's batch of the step (what an
+        all-reduce of the union of the batches would give)."""
+        try:
+            batch_len = operator.index(batch_len)
+        except TypeError:
+            batch_len = -1
+        if batch_len < 0:
+            raise ValueError(
+                f"weight(batch_len) takes the number of samples in the batch (len(y)), a "
+                f"non-negative integer, got {batch_len!r}"
+            )
+        shard = self._shard
+        return batch_len * self.num_batches * shard.world_size / shard.total
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` (the sampler's ``set_epoch``): call on every rank at every epoch."""
         self._shard.set_epoch(epoch)
 
 
