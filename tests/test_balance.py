@@ -229,6 +229,7 @@ def _resume(rank: int, world: int, n: int) -> dict:
     expected = run(whole, whole_batches, range(4))
     first, first_batches = make()
     seen = run(first, first_batches, range(2))
+    end_of_epoch_1 = _checkpoint(first.state_dict())
     first_batches.set_epoch(2)
     it = iter(first_batches)
     for _ in range(2):
@@ -243,12 +244,40 @@ def _resume(rank: int, world: int, n: int) -> dict:
         rest.append(b)
         resumed.report_speed(len(b), len(b) / _speed(rank))
     seen += rest + run(resumed, resumed_batches, range(3, 4))
-    for s in (whole, first, resumed):
+    late, late_batches = make()
+    late.load_state_dict(end_of_epoch_1)  # epoch 1's exchange and measured speed are redone
+    late_seen = expected[: 2 * len(late_batches)] + run(late, late_batches, range(2, 4))
+    for s in (whole, first, resumed, late):
         s.flush()
-    return {"expected": expected, "seen": seen}
+    return {"expected": expected, "seen": seen, "late": late_seen}
 
 
 def test_resume_mid_epoch_gives_the_same_remaining_batches() -> None:
     for result in run_world(_resume, 3, 120):
         assert result["seen"] == result["expected"]
+        assert result["late"] == result["expected"]
         assert len(result["expected"]) == 4 * math.ceil(120 / (3 * 8))
+
+
+def _mismatch(rank: int, world: int) -> str:
+    try:
+        GossipShuffleSampler(range(20), balance=rank == 0)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_ranks_that_disagree_on_balance_get_a_clear_error() -> None:
+    for text in run_world(_mismatch, 2):
+        assert "balance differs across ranks ([1, 0], by rank)" in text
+
+
+def test_resuming_a_batch_sampler_off_a_batch_boundary_is_explained() -> None:
+    sampler = GossipShuffleSampler(range(50), seed=1, balance=True)
+    it = iter(sampler)  # plain iteration: stops 3 indices in, inside the first batch
+    for _ in range(3):
+        next(it)
+    resumed = GossipShuffleSampler(range(50), seed=1, balance=True)
+    resumed.load_state_dict(sampler.state_dict())
+    with pytest.raises(ValueError, match="not the end of a batch"):
+        iter(resumed.batch_sampler(8))

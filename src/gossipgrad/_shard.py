@@ -75,7 +75,8 @@ class Options:
             "shuffle_fraction": round(self.fraction * 2**40),
             "schedule": SCHEDULES.index(self.schedule),
             "drop_last": int(self.drop_last),
-        } | ({"balance": 1} if self.balance else {})
+            "balance": int(self.balance),
+        }
 
 
 class Shard:

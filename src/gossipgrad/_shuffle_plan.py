@@ -22,6 +22,9 @@ learns its partners' shard size ``n`` and speed ``v`` (a float64 header), and th
   a shard that holds at least ``minimum`` rows never drops below it, whatever it receives (one
   smaller from the start never sends).
 
+The ``base`` rows keep flowing both ways, so a very slow rank settles near ``minimum + base``
+rows rather than ``minimum``; a smaller ``shuffle_fraction`` lets it shed more.
+
 Both ends of a pair compute the count from the same float64 inputs with the same function, so
 they agree with no further message. Shards stay disjoint and covering, sizes change from epoch
 to epoch, and a rank visits its whole shard exactly once per epoch (no padding, no cut:
