@@ -5,7 +5,9 @@ With ``gossip_every = K``, the replica is sent at the first step of every run of
 the partner's is mixed in at the end of the backward of the last one (residual form, so the
 ``K - 1`` local steps taken meanwhile are kept, and the exchange has ``K`` steps to travel). With
 ``average_every = H > 0``, every replica becomes the exact average at the end of the backward of
-every ``H``-th step (Gossip-PGA). Partners follow the schedule by exchange, not by step.
+every ``H``-th step (Gossip-PGA). Partners follow the schedule by exchange, not by step. With
+``max_staleness = S``, each exchange is mixed ``S`` steps after that (bounded staleness), so up to
+``buffers_in_flight`` exchanges travel at once.
 """
 
 from __future__ import annotations
@@ -29,3 +31,19 @@ def exchange_index(step: int, gossip_every: int) -> int:
 def average_due(step: int, average_every: int) -> bool:
     """Whether the end of step ``step``'s backward averages every replica exactly."""
     return average_every > 0 and (step + 1) % average_every == 0
+
+
+def mixed_exchange(step: int, gossip_every: int, max_staleness: int = 0) -> int | None:
+    """Which exchange the end of step ``step``'s backward mixes in, if any: the one due
+    ``max_staleness`` steps earlier."""
+    due = step - max_staleness
+    if due < 0 or not exchange_ends(due, gossip_every):
+        return None
+    return exchange_index(due, gossip_every)
+
+
+def buffers_in_flight(gossip_every: int, max_staleness: int = 0) -> int:
+    """How many exchanges can be in flight at once (each holds its own send and receive
+    buffers): exchange ``j`` is posted at step ``jK`` and mixed at the end of step
+    ``jK + K - 1 + S``."""
+    return (gossip_every - 1 + max_staleness) // gossip_every + 1

@@ -21,6 +21,11 @@ forward ran in training mode with gradients enabled. In the default ``params`` m
    also keeps what the forward changed meanwhile (BatchNorm statistics); the optimizer step then
    applies the gradient computed at ``s``: ``x' = W x - lr g(x)``, staleness 0.
 
+``max_staleness=S`` mixes each exchange ``S`` steps later (the end of the backward of step
+``t + S``), so a rank waits for a slow partner only when its message is more than ``S`` steps
+overdue; up to ``S + 1`` exchanges are in flight, each in buffers of its own. The weight shrinks
+with ``S`` so that delayed mixing still contracts (``mixing.delayed_weight``).
+
 ``sync=True`` waits for the exchange in the forward instead of overlapping it (same arithmetic).
 ``mode="gradients"`` (for comparison only: replicas drift apart) averages the gradients with the
 partner's at the end of backward instead, ``g <- (1 - w) g + w g_r``.
@@ -42,8 +47,11 @@ tensors are broadcast from rank 0 when wrapping. In ``gradients`` mode buffers s
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
+from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -58,6 +66,7 @@ from gossipgrad.errors import NonFiniteError, PeerError
 from gossipgrad.mixing import (
     Bucket,
     constant_buffers,
+    delayed_weight,
     encode_,
     grads_of,
     is_finite,
@@ -112,9 +121,10 @@ class GossipDataParallel(nn.Module, Joinable):
         self.world_size = dist.get_world_size(self.group)
         self.step = 0
         self.bytes_sent_last_step = 0
+        self.wait_time_s = 0.0  # seconds spent blocked on partners' messages, in total
         self._gossip_enabled = True
-        # the exchange in flight: one InFlight per bucket, and the plan it follows
-        self._pending: tuple[list[_p2p.InFlight], Exchange] | None = None
+        # the exchanges in flight, oldest first (more than one with max_staleness)
+        self._pending: deque[_Pending] = deque()
         self._open = False  # a step began (training forward) and its backward has not ended
         self._callback_queued = False  # the end-of-backward callback of this backward
 
@@ -135,6 +145,7 @@ class GossipDataParallel(nn.Module, Joinable):
             everything = [_real(t) for t in list(module.parameters()) + list(module.buffers())]
             broadcast_(everything, make_buckets(everything, cap), self.group, o.timeout)
         self._buckets: list[Bucket] = make_buckets(self._mixed_tensors(), cap, o.wire_dtype)
+        self._pool = [self._buckets]  # exchange j uses self._pool[j % buffers_in_flight]
         self._streams = _setup.extra_groups(self.group, o.streams)
         # float32-or-wider scratch for the collectives (the gossip buffers may be compressed)
         self._avg_buckets = make_buckets(self._replicas(), cap, at_least=torch.float32)
@@ -179,8 +190,8 @@ class GossipDataParallel(nn.Module, Joinable):
         o, t = self.options, self.step - 1
         if o.mode == "gradients":
             self._exchange_grads(t, zeros=joined)
-        elif cadence.exchange_ends(t, o.gossip_every):
-            self.flush()
+        elif (due := cadence.mixed_exchange(t, o.gossip_every, o.max_staleness)) is not None:
+            self._mix_through(due)
         if self._trackers and not joined:
             track_(grads_of(self._tracked), self._trackers, self._last_grads)
         if cadence.average_due(t, o.average_every):
@@ -196,17 +207,34 @@ class GossipDataParallel(nn.Module, Joinable):
 
     def _start_params(self) -> None:
         tensors = self._mixed_tensors()
-        index = cadence.exchange_index(self.step, self.options.gossip_every)
+        o = self.options
+        index = cadence.exchange_index(self.step, o.gossip_every)
         ex = self._plan(index)
+        buckets = self._buffers_for(index)
         inflights = []
-        for i, b in enumerate(self._buckets):  # bucket 0 is on the wire while 1 is packed
+        for i, b in enumerate(buckets):  # bucket 0 is on the wire while 1 is packed
             encode_(b, [tensors[j] for j in b.indices])
             inflights.append(self._start([b], ex, index, i))
         self.bytes_sent_last_step = self._payload_bytes(ex)
-        self._pending = (inflights, ex)
-        if self.options.sync:
+        self._pending.append(_Pending(index, inflights, ex, buckets))
+        if o.sync:
             for inflight in inflights:
                 self._wait(inflight)
+
+    def _buffers_for(self, index: int) -> list[Bucket]:
+        """Exchange ``index``'s buffers: its slot in the pool (allocated on first use), which
+        the exchange that used it before has left (``cadence.buffers_in_flight``)."""
+        o = self.options
+        slot = index % cadence.buffers_in_flight(o.gossip_every, o.max_staleness)
+        while len(self._pool) <= slot:
+            self._pool.append(make_buckets(self._mixed_tensors(), o.bucket_cap_bytes, o.wire_dtype))
+        buckets = self._pool[slot]
+        if any(p.buckets is buckets for p in self._pending):
+            raise RuntimeError(
+                f"rank {self.rank}: gossip exchange {index} found its buffers still in use; "
+                "call flush() after changing the step counter by hand"
+            )
+        return buckets
 
     def _start(
         self, buckets: list[Bucket], ex: Exchange, exchange: int, first: int = 0
@@ -241,26 +269,36 @@ class GossipDataParallel(nn.Module, Joinable):
         Buckets are mixed as they arrive, while later ones are still on the wire, in residual
         form ``x <- x + w (r - s)``: when nothing moved since the snapshot, ``x == s`` and it
         equals ``(1 - w) x + w r``; with a compressed wire dtype it still keeps the average."""
-        if self._pending is None:
-            return
-        inflights, ex = self._pending
-        self._pending = None
+        self._mix_through(None)
+
+    def _mix_through(self, index: int | None) -> None:
+        """Wait for and mix the exchanges in flight up to exchange ``index`` (all: ``None``),
+        oldest first."""
+        while self._pending and (index is None or self._pending[0].index <= index):
+            self._mix(self._pending.popleft())
+
+    def _mix(self, pending: _Pending) -> None:
+        ex = pending.ex
+        weight = delayed_weight(ex.weight, self.options.max_staleness)
         tensors = self._mixed_tensors()
-        for b, inflight in zip(self._buckets, inflights, strict=True):
+        for b, inflight in zip(pending.buckets, pending.inflights, strict=True):
             self._wait(inflight)
             if ex.recv_from is None:
                 continue
             own = [tensors[i] for i in b.indices]
-            if not mix_residual_(own, b.send, b.recv, ex.weight, require_finite=True):
+            if not mix_residual_(own, b.send, b.recv, weight, require_finite=True):
                 # s - r is not finite: the received buffer, or else this rank's own snapshot
                 what = "local" if is_finite(b.recv) else "received"
                 self._nonfinite(what, ex.recv_from, inflight.step)
 
     def _wait(self, inflight: _p2p.InFlight) -> None:
+        began = time.perf_counter()
         try:
             inflight.wait(self.options.timeout, self.rank)
         except PeerError as exc:
             raise PeerError(_first_loss(exc, self.rank, inflight.step), exc.peer) from exc
+        finally:
+            self.wait_time_s += time.perf_counter() - began
 
     def _before_load(self, *_args: Any) -> None:
         """A ``load_state_dict`` completes the exchange in flight first, so that what it loads
@@ -388,6 +426,17 @@ class GossipDataParallel(nn.Module, Joinable):
                 step=step,
             )
         warnings.warn(message + "; skipping this exchange", RuntimeWarning, stacklevel=4)
+
+
+@dataclass
+class _Pending:
+    """An exchange in flight: its index in the schedule, one ``InFlight`` per bucket, its plan
+    and the buffers it uses."""
+
+    index: int
+    inflights: list[_p2p.InFlight]
+    ex: Exchange
+    buckets: list[Bucket]
 
 
 class _GossipJoinHook(JoinHook):

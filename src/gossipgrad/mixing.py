@@ -15,6 +15,7 @@ partner (staleness 1). When nothing moved, ``x == s`` and both forms agree.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -190,6 +191,17 @@ def mix_residual_(
         return False
     torch._foreach_add_(list(tensors), views(diff, tensors), alpha=-weight)
     return True
+
+
+def delayed_weight(weight: float, delay: int) -> float:
+    """The mixing weight for an exchange mixed ``delay`` steps late (``max_staleness``).
+
+    Residual mixing ``x <- x + w (r - s)`` with ``s``, ``r`` taken ``d`` steps ago pulls each
+    pair's difference as ``e(t + 1) = e(t) - 2w e(t - d)``, which diverges for ``w = 1/2`` and
+    ``d >= 2`` (stable iff ``2w < 2 cos(d pi / (2d + 1))``, Levin and May 1976). Scaling ``w``
+    by ``cos(d pi / (2d + 1))`` keeps half of that margin: ``1/2`` at ``d = 0``, ``1/4`` at 1,
+    ``0.15`` at 2, ``0.09`` at 4. The average is kept whatever the weight."""
+    return weight * math.cos(delay * math.pi / (2 * delay + 1))
 
 
 def tracked_parameters(module: nn.Module) -> list[torch.Tensor]:

@@ -32,6 +32,7 @@ WIRE_DTYPES: dict[str, torch.dtype | None] = {
     "int8": torch.int8,  # blockwise quantized (gossipgrad._quantize): 3.9x fewer bytes
 }
 MAX_STREAMS = 16
+MAX_STALENESS = 1024
 
 
 class UnknownOptionError(TypeError, ValueError):
@@ -67,6 +68,14 @@ class GossipOptions:
             the mean gradient), and its optimizer steps along ``y`` instead of its own
             gradient. For data that differs between ranks (label skew), and adaptive or
             orthogonalizing optimizers (AdamW, Muon). Twice the bytes per exchange.
+        max_staleness: mix each exchange ``S`` steps later than it is due (SGP's overlap
+            with a delay tau, bounded staleness): a rank runs up to ``S`` steps ahead of a slow
+            partner and waits only for a message more than ``S`` steps overdue. Every message
+            is still mixed exactly once (residual form), so the replicas' average is kept; the
+            arithmetic does not depend on timing; the mixing weight shrinks with ``S`` so that
+            delayed mixing still contracts (``gossipgrad.mixing.delayed_weight``). Costs
+            ``S // gossip_every`` more pairs of model-sized buffers; needs ``sync=False`` and
+            ``params`` mode.
     """
 
     sync: bool = False
@@ -81,6 +90,7 @@ class GossipOptions:
     gossip_every: int = 1
     average_every: int = 0
     tracking: bool = False
+    max_staleness: int = 0
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -145,7 +155,7 @@ def _validate(o: GossipOptions) -> None:
         raise ValueError(f"streams must be an integer in [1, {MAX_STREAMS}], got {o.streams!r}")
     if not 1 <= o.streams <= MAX_STREAMS:
         raise ValueError(f"streams must be an integer in [1, {MAX_STREAMS}], got {o.streams!r}")
-    for name, low in (("gossip_every", 1), ("average_every", 0)):
+    for name, low in (("gossip_every", 1), ("average_every", 0), ("max_staleness", 0)):
         value = getattr(o, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -155,4 +165,14 @@ def _validate(o: GossipOptions) -> None:
         raise ValueError(
             f"gossip_every={o.gossip_every} needs mode='params' (local steps between exchanges "
             "of gradients would drop those gradients); use gossip_every=1 with mode='gradients'"
+        )
+    if o.max_staleness >= MAX_STALENESS:
+        raise ValueError(
+            f"max_staleness must be below {MAX_STALENESS} steps (messages of exchanges in flight "
+            f"are told apart by their step), got {o.max_staleness}"
+        )
+    if o.max_staleness and (o.sync or o.mode != "params"):
+        raise ValueError(
+            f"max_staleness={o.max_staleness} needs sync=False and mode='params' (sync waits for "
+            "every message in its own step; gradients are averaged in their own step)"
         )

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -43,6 +44,7 @@ from gossipgrad import cadence
 from gossipgrad._shuffle_plan import label_skew_shards, simulate, strided_shard
 from gossipgrad.mixing import (
     Bucket,
+    delayed_weight,
     encode_,
     grads_of,
     make_buckets,
@@ -100,7 +102,9 @@ class VirtualCluster:
         self._buckets: list[list[Bucket]] = [
             make_buckets(self._mixed(i), cap, o.wire_dtype) for i in range(world_size)
         ]
-        self._pending: list[Exchange] | None = None  # overlapped: the exchange of the last step
+        self._pool = [self._buckets]  # exchange j uses slot j % buffers_in_flight, as the engine
+        # overlapped: the exchanges in flight (index, plans, buffers), oldest first
+        self._pending: deque[tuple[int, list[Exchange], list[list[Bucket]]]] = deque()
 
     # --- the training step -------------------------------------------------------------------
 
@@ -122,8 +126,9 @@ class VirtualCluster:
             loss = loss_fn(replica(x), y)
             loss.backward()
             losses.append(loss.item())
-        if cadence.exchange_ends(self.step, o.gossip_every):
-            self.flush()  # the end of backward: mix what was received
+        due = cadence.mixed_exchange(self.step, o.gossip_every, o.max_staleness)
+        while due is not None and self._pending and self._pending[0][0] <= due:
+            self._finish()  # the end of backward: mix what was received
         for replica, trackers, last in zip(
             self.replicas, self._trackers, self._last_grads, strict=False
         ):
@@ -154,7 +159,7 @@ class VirtualCluster:
 
     def flush(self) -> None:
         """Mix in the exchange in flight, like ``GossipDataParallel`` at the end of backward."""
-        if self._pending is not None:
+        while self._pending:
             self._finish()
 
     # --- mixing, in GossipDataParallel's order -------------------------------------------------
@@ -164,18 +169,27 @@ class VirtualCluster:
         return self.algo == "gossip" and self.mode == "params"
 
     def _start_params(self) -> None:
-        index = cadence.exchange_index(self.step, self.options.gossip_every)
-        self._pending = self._exchange([self._mixed(i) for i in range(self.world_size)], index)
+        o = self.options
+        index = cadence.exchange_index(self.step, o.gossip_every)
+        slot = index % cadence.buffers_in_flight(o.gossip_every, o.max_staleness)
+        while len(self._pool) <= slot:
+            cap = o.bucket_cap_bytes
+            self._pool.append(
+                [make_buckets(self._mixed(i), cap, o.wire_dtype) for i in range(self.world_size)]
+            )
+        tensors = [self._mixed(i) for i in range(self.world_size)]
+        plans = self._exchange(tensors, index, self._pool[slot])
+        self._pending.append((index, plans, self._pool[slot]))
 
     def _finish(self) -> None:
-        assert self._pending is not None
-        plans, self._pending = self._pending, None
-        for i, (buckets, ex) in enumerate(zip(self._buckets, plans, strict=True)):
+        _, plans, pool = self._pending.popleft()
+        for i, (buckets, ex) in enumerate(zip(pool, plans, strict=True)):
             if ex.recv_from is None:
                 continue
             tensors = self._mixed(i)
             for b in buckets:
-                mix_residual_([tensors[i] for i in b.indices], b.send, b.recv, ex.weight)
+                weight = delayed_weight(ex.weight, self.options.max_staleness)
+                mix_residual_([tensors[i] for i in b.indices], b.send, b.recv, weight)
 
     def _gossip_grads(self) -> None:
         params = [list(r.parameters()) for r in self.replicas]
@@ -190,20 +204,27 @@ class VirtualCluster:
                 if p.grad is None and p.requires_grad:
                     p.grad = g
 
-    def _exchange(self, tensors: list[list[torch.Tensor]], index: int) -> list[Exchange]:
-        """Pack every replica's ``tensors`` into its send buffers and deliver each message: the
-        receive buffers of replica ``i`` get the send buffers of ``plan(i, step).recv_from``."""
+    def _exchange(
+        self,
+        tensors: list[list[torch.Tensor]],
+        index: int,
+        pool: list[list[Bucket]] | None = None,
+    ) -> list[Exchange]:
+        """Pack every replica's ``tensors`` into its send buffers (``pool[i]``, default the first
+        slot) and deliver each message: the receive buffers of replica ``i`` get the send
+        buffers of ``plan(i, step).recv_from``."""
+        pool = self._buckets if pool is None else pool
         plans = [
             plan(i, index, self.world_size, self.seed, self.schedule)
             for i in range(self.world_size)
         ]
-        for own, buckets in zip(tensors, self._buckets, strict=True):
+        for own, buckets in zip(tensors, pool, strict=True):
             for b in buckets:
                 encode_(b, [own[i] for i in b.indices])
         for i, ex in enumerate(plans):
             _check_pairing(i, ex, plans, self.step)
             if ex.recv_from is not None:
-                for mine, theirs in zip(self._buckets[i], self._buckets[ex.recv_from], strict=True):
+                for mine, theirs in zip(pool[i], pool[ex.recv_from], strict=True):
                     mine.recv.copy_(theirs.send)
         return plans
 
