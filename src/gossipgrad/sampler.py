@@ -375,6 +375,13 @@ class BalancedBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return self.num_batches
 
+    def batches_left(self, yielded: int) -> int:
+        """Batches left in this epoch once the first ``yielded`` samples of the shard (the
+        sampler's ``state_dict()["yielded"]``) are done."""
+        rows = self._shard.tensors[0].shape[0]
+        ends = np.cumsum([c.size for c in np.array_split(np.arange(rows), self.num_batches)])
+        return self.num_batches - int(np.searchsorted(ends, yielded, side="right"))
+
     def weight(self, batch_len: int) -> float:
         """``batch_len * L * p / N``: multiply this rank's mean loss by it, so that the replicas'
         mean gradient is the sample-weighted mean over every rank's batch of the step (what an

@@ -141,6 +141,7 @@ def test_the_torch_free_choice_sets_equal_the_engines() -> None:
         "gossip_every": engine.gossip_every,
         "average_every": engine.average_every,
         "tracking": engine.tracking,
+        "max_staleness": engine.max_staleness,
     } == choices.ENGINE_DEFAULTS
 
 
@@ -181,7 +182,9 @@ def test_help_lists_the_presets_and_their_values(capsys) -> None:
 def test_new_engine_options_map_and_name_their_flag() -> None:
     options = TrainConfig(gossip_every=4, average_every=10, tracking=True).gossip_options()
     assert (options.gossip_every, options.average_every, options.tracking) == (4, 10, True)
+    assert TrainConfig(max_staleness=3).gossip_options().max_staleness == 3
     for bad, name in (
+        ({"sync": True, "max_staleness": 2}, "--max-staleness"),
         ({"mode": "gradients", "gossip_every": 2}, "--gossip-every"),
         ({"mode": "gradients", "tracking": True}, "--tracking"),
         ({"mode": "gradients", "wire_dtype": "int8"}, "--wire-dtype"),

@@ -16,6 +16,7 @@ from _dist import run_world
 from gossipgrad import checkpoint
 from gossipgrad.train import cli, loop, sampling, worker
 from gossipgrad.train.config import TrainConfig
+from gossipgrad.train.data import load_dataset
 
 _METRIC_KEYS = {"step", "epoch", "time", "loss", "acc", "consensus", "lr", "samples_per_s"}
 
@@ -210,3 +211,14 @@ def test_fp16_is_refused_off_cuda() -> None:
     with pytest.raises(ValueError, match="--amp fp16 needs a CUDA device.*--amp bf16"):
         check_amp("fp16", torch.device("cpu"))
     check_amp("bf16", torch.device("cpu"))
+
+
+def test_balance_and_bounded_staleness_train_in_lockstep(tmp_path: Path) -> None:
+    # --balance: every rank takes ceil(N / (p * batch)) steps per epoch (batches of its own
+    # size); --max-staleness: exchanges mixed 2 steps late. Both still learn the task.
+    options = {"epochs": 2, "balance": True, "max_staleness": 2, "batch_size": 32}
+    summaries = run_world(_train, 2, "gossip", str(tmp_path), options)
+    train_size = len(load_dataset("digits", seed=0)[0])
+    assert summaries[0]["steps"] == 2 * -(-train_size // (2 * 32))
+    assert summaries[0]["test_accuracy"] > 0.8
+    assert summaries[0]["config"]["max_staleness"] == 2

@@ -28,6 +28,7 @@ ENGINE_DEFAULTS: dict[str, object] = {
     "gossip_every": 1,
     "average_every": 0,
     "tracking": False,
+    "max_staleness": 0,
 }
 
 # --- the job's (gossipgrad.train.data, gossipgrad.train.models) ---------------------------------

@@ -213,6 +213,21 @@ class TrainConfig:
             "it (for data that differs between ranks; twice the bytes; --mode params)"
         ),
     )
+    max_staleness: int = field(
+        default=_ENGINE["max_staleness"],
+        metadata=_opt(
+            "bounded staleness: mix each exchange S steps late, so a rank runs up to S steps "
+            "ahead of a slow partner before it waits (S more model copies in memory)"
+        ),
+    )
+    balance: bool = field(
+        default=False,
+        metadata=_opt(
+            "balance work between ranks of different speeds: the gossip shuffle moves samples "
+            "to faster ranks, which take bigger batches (same steps on every rank; losses "
+            "weighted by batch size; gossip only, --batch-size >= 8)"
+        ),
+    )
     streams: int = field(
         default=_ENGINE["streams"],
         metadata=_opt("connections per partner to spread messages over (1 to 16)"),
@@ -322,6 +337,17 @@ class TrainConfig:
         _at_least(self, "gossip_every", 1)
         _at_least(self, "ranks_per_node", 0)
         _at_least(self, "average_every", 0)
+        _at_least(self, "max_staleness", 0)
+        if self.balance and self.algo == "allreduce":
+            raise ConfigError(
+                "--balance moves samples in the gossip shuffle, which all-reduce does not use "
+                "(it keeps DistributedSampler's equal shards): use --algo gossip or both"
+            )
+        if self.balance and self.batch_size < 8:
+            raise ConfigError(
+                f"--balance needs --batch-size >= 8 (a slow rank's shard may shrink to 1/8 of an "
+                f"even share), got {self.batch_size}"
+            )
         if self.tensorboard and not _has_tensorboard():
             raise ConfigError(
                 "--tensorboard needs the tensorboard package: pip install 'gossipgrad[tensorboard]'"
@@ -347,6 +373,7 @@ class TrainConfig:
                 gossip_every=self.gossip_every,
                 average_every=self.average_every,
                 tracking=self.tracking,
+                max_staleness=self.max_staleness,
             )
         except ValueError as error:
             name = re.match(r"\w*", str(error)).group()  # type: ignore[union-attr]

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 
 from gossipgrad import DataParallel, NonFiniteError, checkpoint, wrap
 from gossipgrad.mixing import constant_buffers, replica_tensors
+from gossipgrad.sampler import BalancedBatchSampler, GossipShuffleSampler
 from gossipgrad.train import report, run_state
 from gossipgrad.train.config import PRESETS, TrainConfig, flag
 from gossipgrad.train.data import load_dataset
@@ -78,6 +79,7 @@ class TrainingLoop:
     module: torch.nn.Module
     optimizer: torch.optim.Optimizer
     sampler: JobSampler
+    batches: BalancedBatchSampler | None  # --balance only
     progress: Progress
     resumed: run_state.Resumed | None
     recipe: Recipe
@@ -109,13 +111,17 @@ class TrainingLoop:
         self.model = wrap(self.module, self.algo, cfg.gossip_options(), **self._layout())
         self.optimizer = make_optimizer(cfg, self.module)
         self.sampler = make_sampler(cfg, self.algo, self.train_set)
-        self.loader = DataLoader(
-            self.train_set,
-            batch_size=cfg.batch_size,
-            sampler=self.sampler,  # type: ignore[arg-type]
-            drop_last=True,
-            generator=torch.Generator(),  # leaves the global RNG alone (exact resume)
-        )
+        self.batches = self._balanced_batches()
+        if self.batches is not None:  # --balance: per-rank batch sizes, same steps everywhere
+            self.loader = DataLoader(self.train_set, batch_sampler=self.batches)
+        else:
+            self.loader = DataLoader(
+                self.train_set,
+                batch_size=cfg.batch_size,
+                sampler=self.sampler,  # type: ignore[arg-type]
+                drop_last=True,
+                generator=torch.Generator(),  # leaves the global RNG alone (exact resume)
+            )
         self.steps_per_epoch = self._steps_per_epoch()
         seed_everything(cfg.seed + 1 + self.rank)  # this rank's own stream (dropout, augmentation)
         self.identity = {"algo": self.algo, "dataset": cfg.dataset, "model": self.model_name}
@@ -169,12 +175,18 @@ class TrainingLoop:
         return self.finish()
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """One training step on this rank's batch ``(x, y)``."""
+        """One training step on this rank's batch ``(x, y)``; with ``--balance`` the loss is
+        weighted by the batch's size and the step's busy time is reported to the shuffle."""
+        began, waited = time.perf_counter(), self._wait_time_s()
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         with self.recipe.autocast():
             output = self.model(x)
             loss = task_loss(output, y, self.cfg.label_smoothing)
-        self.recipe.backward_and_step(loss, self.module)
+        weight = 1.0 if self.batches is None else self.batches.weight(len(y))
+        self.recipe.backward_and_step(loss * weight if weight != 1.0 else loss, self.module)
+        if self.batches is not None:
+            busy = time.perf_counter() - began - (self._wait_time_s() - waited)
+            self.sampler.report_speed(len(y), max(busy, 1e-9))  # type: ignore[attr-defined]
         self.progress.step += 1
         self.progress.bytes_sent += self.model.bytes_sent_last_step
         self.progress.meter.add(loss, output, y)
@@ -413,7 +425,19 @@ class TrainingLoop:
             return None
         return copy.deepcopy(self.module)
 
+    def _balanced_batches(self) -> BalancedBatchSampler | None:
+        """``--balance``: the gossip shuffle's batch sampler (all-reduce keeps equal shards)."""
+        if not self.cfg.balance or not isinstance(self.sampler, GossipShuffleSampler):
+            return None
+        return self.sampler.batch_sampler(self.cfg.batch_size)
+
+    def _wait_time_s(self) -> float:
+        """Seconds the wrapper has waited for peers so far (0 for those that do not say)."""
+        return float(getattr(self.model, "wait_time_s", 0.0))
+
     def _steps_per_epoch(self) -> int:
+        if self.batches is not None:
+            return len(self.batches)
         steps = len(self.sampler) // self.cfg.batch_size
         if steps == 0:
             raise ValueError(
@@ -427,9 +451,11 @@ class TrainingLoop:
         """The step to stop at: the end of ``--epochs`` counted from where the sampler stands
         (after a resume on another world size too), capped by ``--max-steps``."""
         step, epoch = self.progress.step, self.progress.epoch
-        left_in_epoch = (
-            len(self.sampler) - self.sampler.state_dict()["yielded"]
-        ) // self.cfg.batch_size
+        yielded = self.sampler.state_dict()["yielded"]
+        if self.batches is not None:
+            left_in_epoch = self.batches.batches_left(yielded)
+        else:
+            left_in_epoch = (len(self.sampler) - yielded) // self.cfg.batch_size
         total = step + left_in_epoch + (self.cfg.epochs - epoch - 1) * self.steps_per_epoch
         total = min(total, self.cfg.max_steps) if self.cfg.max_steps else total
         return max(total, step)

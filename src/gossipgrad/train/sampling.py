@@ -72,7 +72,8 @@ def make_sampler(cfg: TrainConfig, algo: str, dataset: Sized) -> JobSampler:
         return GossipShuffleSampler(
             dataset,
             seed=cfg.seed,
-            drop_last=True,
+            drop_last=not cfg.balance,  # balanced batches visit every sample once instead
+            balance=cfg.balance,
             shuffle_fraction=cfg.shuffle_fraction,
             schedule=cfg.schedule,
             timeout=timedelta(seconds=cfg.timeout_s),
