@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 from _dist import run_world
+from _toy import flat, toy_model
 from torch.utils.data import DataLoader
 
+from gossipgrad import GossipDataParallel
 from gossipgrad._shuffle_plan import (
     balanced_count,
     exchange_count,
@@ -281,3 +283,49 @@ def test_resuming_a_batch_sampler_off_a_batch_boundary_is_explained() -> None:
     resumed.load_state_dict(sampler.state_dict())
     with pytest.raises(ValueError, match="not the end of a batch"):
         iter(resumed.batch_sampler(8))
+
+
+# --- the weighted step against a single process ----------------------------------------------
+
+_N, _BATCH = 100, 25  # L = ceil(100 / (2 * 25)) = 2 batches per rank, summing to N / L = 50
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(_N, 6, generator=g)
+    return x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+
+
+def _weighted_step(rank: int, world: int) -> tuple[list[int], torch.Tensor]:
+    x, y = _data()
+    shards = [np.arange(0, 30), np.arange(30, _N)]  # uneven, as balancing leaves them
+    sampler = GossipShuffleSampler(
+        range(_N), balance=True, shuffle_fraction=0.0, initial_shards=shards
+    )
+    batches = sampler.batch_sampler(_BATCH)
+    model = GossipDataParallel(toy_model(batchnorm=False))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = next(iter(batches))
+    loss = torch.nn.functional.cross_entropy(model(x[ids]), y[ids]) * batches.weight(len(ids))
+    loss.backward()
+    opt.step()
+    model.average_replicas()
+    sampler.flush()
+    return ids, flat(model.module)
+
+
+def test_weighted_uneven_batches_step_the_mean_like_one_process_on_their_union() -> None:
+    """Losses weighted by ``batches.weight`` make the replicas' mean take the step of one
+    process on the union of the step's batches (15 and 35 samples here), as all-reduce would."""
+    results = run_world(_weighted_step, 2)
+    union = results[0][0] + results[1][0]
+    assert (len(results[0][0]), len(results[1][0])) == (15, 35)
+    x, y = _data()
+    single = toy_model(batchnorm=False)
+    opt = torch.optim.SGD(single.parameters(), lr=0.1)
+    torch.nn.functional.cross_entropy(single(x[union]), y[union]).backward()
+    opt.step()
+    for _, mean in results:
+        assert torch.allclose(mean, flat(single), atol=1e-6)
+    unweighted = flat(toy_model(batchnorm=False))  # sanity: the step moved the model
+    assert not torch.allclose(unweighted, flat(single), atol=1e-3)
