@@ -35,8 +35,8 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, rank: int, t: int) -> No
 # --- the node's ranks hold one replica ----------------------------------------------------------
 
 
-def _per_step_params(rank: int, world: int, sync: bool) -> list[list[torch.Tensor]]:
-    model = HierarchicalDataParallel(toy_model(), ranks_per_node=2, sync=sync)
+def _per_step_params(rank: int, world: int, options: dict) -> list[list[torch.Tensor]]:
+    model = HierarchicalDataParallel(toy_model(), ranks_per_node=2, **options)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     history = []
     for t in range(6):
@@ -46,9 +46,13 @@ def _per_step_params(rank: int, world: int, sync: bool) -> list[list[torch.Tenso
     return history
 
 
-@pytest.mark.parametrize("sync", [True, False])
-def test_ranks_of_a_node_hold_identical_parameters_after_every_step(sync: bool) -> None:
-    for t, flats in enumerate(run_world(_per_step_params, 4, sync)[0]):
+@pytest.mark.parametrize(
+    "options",
+    [{"sync": True}, {"sync": False}, {"max_staleness": 1, "gossip_every": 2}],
+    ids=["sync", "async", "K2-S1"],
+)
+def test_ranks_of_a_node_hold_identical_parameters_after_every_step(options: dict) -> None:
+    for t, flats in enumerate(run_world(_per_step_params, 4, options)[0]):
         assert torch.equal(flats[0], flats[1]), f"node 0 differs inside at step {t}"
         assert torch.equal(flats[2], flats[3]), f"node 1 differs inside at step {t}"
         assert not torch.equal(flats[0], flats[2]), "the nodes saw different data"

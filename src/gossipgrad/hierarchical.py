@@ -165,7 +165,8 @@ class HierarchicalDataParallel(nn.Module):
         o, t = self.options, self.step - 1
         if self._engines.gossip is not None:
             self._engines.gossip.end_step()
-        if cadence.exchange_ends(t, o.gossip_every) or cadence.average_due(t, o.average_every):
+        mixed = cadence.mixed_exchange(t, o.gossip_every, o.max_staleness) is not None
+        if mixed or cadence.average_due(t, o.average_every):
             self._share()
 
     def _share(self) -> None:
