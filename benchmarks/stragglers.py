@@ -345,10 +345,11 @@ def tables(rows: list[dict], args: argparse.Namespace) -> str:
         f"{args.per_sample_ms:g} ms/sample emulated (x the rank's factor), staleness "
         f"S={args.staleness}, random: q={args.random_q:g} per rank-step of 4x; epoch times of "
         "the slowest rank (first; steady = median of the others), x the same contender's "
-        "no-straggler steady epoch\n",
+        "no-straggler steady epoch; last rank's samples: its share of the last epoch's (the slow "
+        "one in slow2/slow4)\n",
         "| p | scenario | contender | epoch s (first) | epoch s (steady) | no-straggler s | "
-        "x no-straggler | accuracy | consensus |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "x no-straggler | accuracy | consensus | last rank's samples |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         base = by.get((r["procs"], "none", r["contender"]))
@@ -356,7 +357,8 @@ def tables(rows: list[dict], args: argparse.Namespace) -> str:
         lines.append(
             f"| {r['procs']} | {r['scenario']} | {CONTENDERS[r['contender']][0]} | "
             f"{r['first_epoch_s']:.2f} | {r['steady_epoch_s']:.2f} | {ref:.2f} | "
-            f"{r['steady_epoch_s'] / ref:.2f} | {r['accuracy']:.3f} | {r['consensus']:.4f} |"
+            f"{r['steady_epoch_s'] / ref:.2f} | {r['accuracy']:.3f} | {r['consensus']:.4f} | "
+            f"{r['last_epoch_samples'][-1] / sum(r['last_epoch_samples']):.3f} |"
         )
     proj = [r for r in rows if "projected_step_s" in r]
     if proj:
@@ -468,7 +470,11 @@ def _write(
     args: argparse.Namespace, stored: list[dict], missing: dict, loads: list | None = None
 ) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    doc: dict[str, Any] = {"benchmark": "benchmarks/stragglers.py", "skipped": missing}
+    doc: dict[str, Any] = {
+        "benchmark": "benchmarks/stragglers.py",
+        "gossipgrad_file": gossipgrad.__file__,
+        "skipped": missing,
+    }
     if loads:
         doc["loadavg"] = loads
     doc["runs"] = stored
@@ -495,7 +501,7 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="smoke test: p=2, 2 short epochs")
     args = ap.parse_args()
     if args.quick:
-        args.procs, args.epochs, args.samples = [2], 2, 384
+        args.procs, args.epochs, args.samples = [2], 2, 128
         args.per_sample_ms = 0.5
         if args.scenarios == list(SCENARIOS):
             args.scenarios = ["none", "slow2"]
