@@ -48,6 +48,7 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch._dynamo  # noqa: E402, F401 - DDP imports it on first use: once here, not per rank
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -59,6 +60,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import virtual_convergence as vc  # noqa: E402
 
 import gossipgrad  # noqa: E402
+import gossipgrad.allreduce  # noqa: E402, F401 - the engines, imported before the ranks fork
+import gossipgrad.gossip  # noqa: E402, F401
 from gossipgrad.options import GossipOptions  # noqa: E402
 from gossipgrad.sampler import GossipShuffleSampler  # noqa: E402
 from gossipgrad.sim import costmodel  # noqa: E402
