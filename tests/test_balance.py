@@ -37,9 +37,11 @@ def test_at_most_one_direction_of_a_pair_moves_extra_rows() -> None:
         extra_ba = balanced_count(n_b, v_b, n_a, v_a, 0, 0)
         assert extra_ab == 0 or extra_ba == 0
         assert extra_ab <= n_a and extra_ba <= n_b
-    assert balanced_count(60, 1.0, 60, 2.0, 0, 0) == 20  # slow to fast: 40/1 == 80/2 afterwards
+    # slow to fast: half of the 20 rows after which 40/1 == 80/2 (each rank is in two transfers)
+    assert balanced_count(60, 1.0, 60, 2.0, 0, 0) == 10
     assert balanced_count(60, 2.0, 60, 1.0, 0, 0) == 0  # the fast one sends nothing extra
-    assert balanced_count(60, 1.0, 60, 2.0, 5, 0) == 25  # on top of the plain shuffle
+    assert balanced_count(60, 1.0, 60, 2.0, 5, 0) == 15  # on top of the plain shuffle
+    assert balanced_count(60, 2.0, 60, 1.0, 15, 0) == 5  # fewer than the plain shuffle's 15
     assert balanced_count(50, 1.0, 50, 1.0, 7, 3) == 7  # equal: the plain shuffle only
 
 
@@ -60,7 +62,7 @@ def test_clamping_keeps_every_shard_at_the_minimum() -> None:
 def test_simulated_balance_visits_everything_once_and_converges(fraction: float) -> None:
     n, world, speeds = 400, 4, [1.0, 2.0, 2.0, 2.0]
     shards = [strided_shard(n, r, world) for r in range(world)]
-    epochs = list(simulate(shards, 6, seed=5, fraction=fraction, speeds=speeds))
+    epochs = list(simulate(shards, 8, seed=5, fraction=fraction, speeds=speeds))
     for epoch in epochs:
         held = np.concatenate([shard for shard, _ in epoch])
         visited = np.concatenate([v for _, v in epoch])
@@ -72,6 +74,17 @@ def test_simulated_balance_visits_everything_once_and_converges(fraction: float)
     ideal = n / sum(speeds)
     assert max(s / v for s, v in zip(sizes, speeds, strict=True)) <= 1.1 * ideal
     assert sizes[0] < min(sizes[1:])
+
+
+def test_a_very_slow_rank_is_not_refilled_by_the_plain_shuffle() -> None:
+    # one rank 4x slower: its ideal share (N / 13) is below what the plain shuffle alone brings
+    # in each epoch (a quarter of N / 4), so its source must send it fewer rows than that
+    n, world, speeds = 6144, 4, [4.0, 4.0, 4.0, 1.0]
+    shards = [strided_shard(n, r, world) for r in range(world)]
+    *_, last = simulate(shards, 10, seed=0, fraction=0.25, speeds=speeds)
+    sizes = [shard.size for shard, _ in last]
+    assert sizes[3] < exchange_count([n // world] * world, 0.25)
+    assert max(s / v for s, v in zip(sizes, speeds, strict=True)) <= 1.2 * n / sum(speeds)
 
 
 def test_equal_speeds_keep_sizes_equal() -> None:

@@ -16,14 +16,14 @@ learns its partners' shard size ``n`` and speed ``v`` (a float64 header), and th
 ``a`` sends to its partner ``b`` are ``balanced_count(n_a, v_a, n_b, v_b, base, minimum)``:
 
 - ``base``: the count of the plain shuffle (``exchange_count`` of the initial sizes);
-- plus ``extra = max(0, floor((n_a * v_b - n_b * v_a) / (v_a + v_b)))``, the move that makes
-  ``n / v`` equal between the two (at most one direction of a pair has ``extra > 0``);
+- plus ``move = trunc((n_a * v_b - n_b * v_a) / (2 (v_a + v_b)))``, half the move that makes
+  ``n / v`` equal between the two (each rank is in two transfers per epoch, one out and one in,
+  so the whole move would correct twice and oscillate); it is negative when ``b`` is the more
+  loaded one, and then ``a`` sends it fewer than ``base`` rows, so a slow rank is not refilled
+  by the plain shuffle;
 - clamped to ``[0, n_a - minimum]``, ``minimum = min_shard(N, p) = max(1, ceil(N / (8 p)))``:
   a shard that holds at least ``minimum`` rows never drops below it, whatever it receives (one
   smaller from the start never sends).
-
-The ``base`` rows keep flowing both ways, so a very slow rank settles near ``minimum + base``
-rows rather than ``minimum``; a smaller ``shuffle_fraction`` lets it shed more.
 
 Both ends of a pair compute the count from the same float64 inputs with the same function, so
 they agree with no further message. Shards stay disjoint and covering, sizes change from epoch
@@ -122,12 +122,13 @@ def balanced_count(
     n_from: float, v_from: float, n_to: float, v_to: float, base: int, minimum: int
 ) -> int:
     """Rows a rank holding ``n_from`` rows at speed ``v_from`` sends to its partner holding
-    ``n_to`` at ``v_to`` in balance mode (see the module docstring): ``base`` plus the move that
-    equalises ``n / v`` between the two, clamped so the sender keeps ``minimum`` rows. Pure and
-    computed in float64 from the same inputs at both ends, so sender and receiver agree."""
+    ``n_to`` at ``v_to`` in balance mode (see the module docstring): ``base`` plus half the
+    (signed) move that equalises ``n / v`` between the two, clamped to
+    ``[0, n_from - minimum]``. Pure and computed in float64 from the same inputs at both ends,
+    so sender and receiver agree."""
     n_from, v_from, n_to, v_to = (float(np.float64(x)) for x in (n_from, v_from, n_to, v_to))
-    extra = max(0, math.floor((n_from * v_to - n_to * v_from) / (v_from + v_to)))
-    return max(0, min(base + extra, int(n_from) - minimum))
+    move = math.trunc((n_from * v_to - n_to * v_from) / (2.0 * (v_from + v_to)))
+    return max(0, min(base + move, int(n_from) - minimum))
 
 
 def plan_epoch(
