@@ -197,3 +197,24 @@ def test_delayed_mixing_contracts_at_every_staleness(staleness: int) -> None:
     cluster.flush()
     assert torch.allclose(torch.stack([flat(r) for r in cluster.replicas]).mean(0), mean, atol=1e-5)
     assert cluster.consensus_distance() < 1e-2 * start
+
+
+def _uneven(rank: int, world: int) -> tuple[float, int]:
+    model = GossipDataParallel(toy_model(batchnorm=False), max_staleness=2)
+    perturb_(model.module, rank)
+    before = flat(model.module)
+    dist.all_reduce(before)
+    x, _ = batch(rank, 0)
+    with model.join():  # rank r has 3 + 2r batches; joined ranks keep answering, S steps late
+        for _ in range(3 + 2 * rank):
+            model(x).sum().backward()  # no optimizer: only mixing moves the replicas
+    model.flush()
+    after = flat(model.module)
+    dist.all_reduce(after)
+    return (before - after).abs().max().item(), model.step
+
+
+def test_uneven_inputs_under_join_keep_the_average_with_delayed_mixing() -> None:
+    results = run_world(_uneven, 3)
+    assert all(err < 1e-5 * 3 for err, _ in results)
+    assert {step for _, step in results} == {7}  # every rank took the longest rank's steps
