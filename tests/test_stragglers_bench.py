@@ -27,7 +27,8 @@ def test_quick_run_every_available_contender(tmp_path: Path) -> None:
     for name in missing:
         assert f"skipped {name}:" in done.stdout
     assert "| p | scenario | contender |" in done.stdout
-    assert "p=2 one 2x straggler: best gossip epoch / no-straggler epoch =" in done.stdout
+    assert "p=2 one 2x straggler (steady): best gossip epoch / no-straggler epoch =" in done.stdout
+    assert "p=2 one 2x straggler (last 2 epochs):" in done.stdout
     assert "projected step ms" in done.stdout
 
     doc = json.loads(out.read_text())
