@@ -38,13 +38,9 @@ import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import pickle  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
-import traceback  # noqa: E402
-from datetime import timedelta  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -52,7 +48,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch._dynamo  # noqa: E402, F401 - DDP imports it on first use: once here, not per rank
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DistributedSampler, TensorDataset  # noqa: E402
@@ -60,6 +55,7 @@ from torch.utils.data import DistributedSampler, TensorDataset  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import virtual_convergence as vc  # noqa: E402
+from _forked import run_forked  # noqa: E402
 
 import gossipgrad  # noqa: E402
 import gossipgrad.allreduce  # noqa: E402, F401 - the engines, imported before the ranks fork
@@ -216,55 +212,9 @@ def _rank(rank: int, world: int, args: argparse.Namespace, scenario: str, name: 
     }
 
 
-def _entry(rank: int, world: int, folder: str, args: tuple) -> None:
-    torch.set_num_threads(1)
-    store = dist.FileStore(os.path.join(folder, "store"), world)
-    dist.init_process_group(
-        "gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=300)
-    )
-    dist.barrier()
-    try:
-        out: Any = ("ok", _rank(rank, world, *args))
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        out = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-    with open(os.path.join(folder, f"result_{rank}.pkl"), "wb") as f:
-        pickle.dump(out, f)
-    with contextlib.suppress(Exception):
-        dist.destroy_process_group()
-
-
 def run(args: argparse.Namespace, world: int, scenario: str, name: str) -> list[dict]:
     """One run on ``world`` forked gloo ranks: each rank's result."""
-    with tempfile.TemporaryDirectory() as folder:
-        ctx = mp.start_processes(
-            _entry,
-            args=(world, folder, (args, scenario, name)),
-            nprocs=world,
-            join=False,
-            start_method="fork",
-        )
-        deadline = time.monotonic() + args.timeout
-        try:
-            for p in ctx.processes:
-                p.join(max(0.0, deadline - time.monotonic()))
-            hung = [r for r, p in enumerate(ctx.processes) if p.is_alive()]
-            if hung:
-                raise TimeoutError(f"ranks {hung} still running after {args.timeout:.0f} s")
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-        out = []
-        for rank in range(world):
-            path = os.path.join(folder, f"result_{rank}.pkl")
-            if not os.path.exists(path):
-                raise RuntimeError(f"rank {rank} died without a result")
-            with open(path, "rb") as f:
-                status, value = pickle.load(f)
-            if status == "error":
-                raise RuntimeError(f"rank {rank} failed: {value}")
-            out.append(value)
-        return out
+    return run_forked(_rank, world, (args, scenario, name), args.timeout)
 
 
 def summarize(ranks: list[dict]) -> dict[str, Any]:
