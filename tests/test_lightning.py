@@ -32,7 +32,7 @@ TIMEOUT = timedelta(seconds=60)  # a lost partner fails the test instead of hang
 def _watchdog() -> Iterator[None]:
     """A deadlock (ranks in different collectives) ends the run with every thread's traceback
     instead of hanging it: neither gloo nor Lightning's launcher times out then."""
-    faulthandler.dump_traceback_later(240, exit=True)
+    faulthandler.dump_traceback_later(600, exit=True)
     yield
     faulthandler.cancel_dump_traceback_later()
 
