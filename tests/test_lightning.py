@@ -32,9 +32,20 @@ TIMEOUT = timedelta(seconds=60)  # a lost partner fails the test instead of hang
 def _watchdog() -> Iterator[None]:
     """A deadlock (ranks in different collectives) ends the run with every thread's traceback
     instead of hanging it: neither gloo nor Lightning's launcher times out then."""
-    faulthandler.dump_traceback_later(600, exit=True)
+    faulthandler.dump_traceback_later(240, exit=True)
     yield
     faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Fork only from a process set to one intra-op thread: earlier tests in this pytest process
+    may have started OpenMP's thread pool, and a forked child that enters a parallel region of
+    that pool waits forever for threads it does not have (seen: a rank stuck in batch_norm)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _data(n: int, seed: int) -> TensorDataset:
