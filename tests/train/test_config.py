@@ -127,6 +127,7 @@ def test_the_torch_free_choice_sets_equal_the_engines() -> None:
     assert choices.ON_NONFINITE == options.ON_NONFINITE
     assert tuple(options.WIRE_DTYPES) == choices.WIRE
     assert choices.MAX_STREAMS == options.MAX_STREAMS
+    assert choices.MAX_STALENESS == options.MAX_STALENESS
     engine = options.GossipOptions()
     names = {v: k for k, v in options.WIRE_DTYPES.items()}
     assert {

@@ -97,6 +97,7 @@ _NUMBERS = {
     "gossip_every": _Range(int, 1),
     "ranks_per_node": _Range(int, 0),
     "average_every": _Range(int, 0),
+    "max_staleness": _Range(int, 0, 1023),
     "max_steps": _Range(int, 0),
     "log_every": _Range(int, 1),
     "consensus_every": _Range(int, 0),
@@ -128,7 +129,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "lr_schedule": ("constant", "cosine", "step"),
     "amp": ("none", "bf16", "fp16"),
 }
-_BOOLS = ("sync", "tracking", "quiet", "tensorboard")
+_BOOLS = ("sync", "tracking", "balance", "quiet", "tensorboard")
 _FREE = ("resume", "out")  # any text
 
 
@@ -173,7 +174,7 @@ _GOOD_OPTION = st.one_of(
     st.sampled_from(sorted(_CHOICES)).flatmap(
         lambda n: st.tuples(st.just(n), st.sampled_from(_CHOICES[n]))
     ),
-    st.tuples(st.sampled_from(("sync", "tracking", "quiet")), st.booleans()),
+    st.tuples(st.sampled_from(("sync", "tracking", "balance", "quiet")), st.booleans()),
     st.tuples(st.sampled_from(_FREE), _TEXT),
 )
 

@@ -15,6 +15,7 @@ MODES: tuple[str, ...] = ("params", "gradients")
 ON_NONFINITE: tuple[str, ...] = ("raise", "skip")
 WIRE: tuple[str, ...] = ("none", "bfloat16", "float16", "int8")  # options.WIRE_DTYPES
 MAX_STREAMS = 16
+MAX_STALENESS = 1024  # options.MAX_STALENESS: max_staleness stays below it
 # GossipOptions() field by field (timeout in seconds, wire dtype by name)
 ENGINE_DEFAULTS: dict[str, object] = {
     "sync": False,

@@ -32,6 +32,7 @@ from gossipgrad.train.choices import (
     DEVICES,
     ENGINE_DEFAULTS,
     LR_SCHEDULES,
+    MAX_STALENESS,
     MAX_STREAMS,
     MODELS,
     MODES,
@@ -337,7 +338,7 @@ class TrainConfig:
         _at_least(self, "gossip_every", 1)
         _at_least(self, "ranks_per_node", 0)
         _at_least(self, "average_every", 0)
-        _at_least(self, "max_staleness", 0)
+        _in_range(self, "max_staleness", 0, MAX_STALENESS, upper_open=True)
         if self.balance and self.algo == "allreduce":
             raise ConfigError(
                 "--balance moves samples in the gossip shuffle, which all-reduce does not use "
