@@ -225,7 +225,7 @@ class GossipDataParallel(nn.Module, Joinable):
         """Exchange ``index``'s buffers: its slot in the pool (allocated on first use), which
         the exchange that used it before has left (``cadence.buffers_in_flight``)."""
         o = self.options
-        slot = index % cadence.buffers_in_flight(o.gossip_every, o.max_staleness)
+        slot = cadence.buffer_slot(index, o.gossip_every, o.max_staleness)
         while len(self._pool) <= slot:
             self._pool.append(make_buckets(self._mixed_tensors(), o.bucket_cap_bytes, o.wire_dtype))
         buckets = self._pool[slot]

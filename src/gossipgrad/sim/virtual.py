@@ -171,7 +171,7 @@ class VirtualCluster:
     def _start_params(self) -> None:
         o = self.options
         index = cadence.exchange_index(self.step, o.gossip_every)
-        slot = index % cadence.buffers_in_flight(o.gossip_every, o.max_staleness)
+        slot = cadence.buffer_slot(index, o.gossip_every, o.max_staleness)
         while len(self._pool) <= slot:
             cap = o.bucket_cap_bytes
             self._pool.append(
@@ -183,12 +183,12 @@ class VirtualCluster:
 
     def _finish(self) -> None:
         _, plans, pool = self._pending.popleft()
+        delay = self.options.max_staleness
         for i, (buckets, ex) in enumerate(zip(pool, plans, strict=True)):
             if ex.recv_from is None:
                 continue
-            tensors = self._mixed(i)
+            tensors, weight = self._mixed(i), delayed_weight(ex.weight, delay)
             for b in buckets:
-                weight = delayed_weight(ex.weight, self.options.max_staleness)
                 mix_residual_([tensors[i] for i in b.indices], b.send, b.recv, weight)
 
     def _gossip_grads(self) -> None:
