@@ -76,6 +76,7 @@ def _train_locked(cfg: TrainConfig, out: Path) -> int:
         except failures.RunFailed as error:
             return _error(f"{algo} run failed: {error}", 1)
         except (KeyboardInterrupt, SignalException) as error:
+            _ignore_stop_signals()  # torch's handler would raise again, even at exit
             signum = getattr(error, "sigval", signal.SIGINT)
             how = "interrupted" if signum == signal.SIGINT else f"stopped by {signum.name}"
             sys.stderr.write(f"gossipgrad: {how} during the {algo} run; see {out}\n")
@@ -89,6 +90,17 @@ def _train_locked(cfg: TrainConfig, out: Path) -> int:
         "(the rest: starting workers, loading data, evaluating, writing)"
     )
     return 0
+
+
+def _ignore_stop_signals() -> None:
+    """Once stopping, a second Ctrl-C or SIGTERM does nothing: a Python handler that returns,
+    not SIG_IGN (Python raises OSError for a signal that arrived before the change)."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(signum, _do_nothing)
+
+
+def _do_nothing(_signum: int, _frame: object) -> None:
+    return
 
 
 def _error(message: str, status: int) -> int:

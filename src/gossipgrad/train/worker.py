@@ -17,15 +17,18 @@ torchrun), rank 0 holds the run folder's lock (``gossipgrad.train.lock``) while 
 
 A failing worker reports its failure to ``gossipgrad train`` (``gossipgrad.train.failures``), and
 never lets a ``BaseException`` that is not an ``Exception`` (torch's ``CheckpointException``)
-escape ``@record``, which would drop its cause; Ctrl-C ends a worker without a traceback.
+escape ``@record``, which would drop its cause. Ctrl-C or SIGTERM ends a worker without a
+traceback (``_stop_signals``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -54,13 +57,44 @@ def worker(cfg: TrainConfig, standalone: bool = True) -> dict[str, dict[str, Any
     (not under ``gossipgrad train``, which does it itself), rank 0 writes the comparison report
     and prints the table. Returns ``{algo: summary}``."""
     try:
-        return _work(cfg, standalone)
+        with _stop_signals():
+            return _work(cfg, standalone)
     except KeyboardInterrupt:
         raise SystemExit(130) from None  # Ctrl-C: the launcher says so, once
     except (Exception, SystemExit):
         raise
     except BaseException as error:  # e.g. torch's CheckpointException: @record would drop it
         raise RuntimeError(failures.one_line(error)) from error
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[None]:
+    """While training, SIGTERM and SIGHUP end the worker at once, as they end any process, and
+    SIGINT raises ``KeyboardInterrupt`` once: a later SIGINT (Ctrl-C reaches the whole process
+    group, and a launcher forwards it) is ignored, as it would raise again while the worker
+    unwinds or while torch formats its error. A forked worker would otherwise inherit the
+    launcher's handler, which raises for each signal, even inside an exception handler. The
+    previous handlers come back when training ends without a Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach main only
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    interrupted: list[bool] = []
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        if not interrupted:  # not SIG_IGN: Python raises OSError for a signal pending then
+            interrupted.append(True)
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        if not interrupted:  # after a Ctrl-C the process is ending: later ones stay ignored
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 def _work(cfg: TrainConfig, standalone: bool) -> dict[str, dict[str, Any]]:
