@@ -11,7 +11,7 @@ Measured (torch 2.13, CPU; test accuracy of the averaged model, 4 replicas, 6 ep
     AdamW       0.941        0.910               0.688
     Muon        0.918        0.944               0.567
 
-The tolerance, 4 points below all-reduce, is test_tracking.py's: at 8 replicas on this task (each
+The tolerance is 4 points below all-reduce: at 8 replicas on this task (each
 replica sees one of the 6 classes or less, 141 steps) AdamW + tracking ends 7 points below
 all-reduce (0.839 against 0.913; 2 points at 18 epochs) while Muon + tracking matches it (0.929
 against 0.921); on the convergence benchmark's teacher task both are within 1 point at 2 and 8
