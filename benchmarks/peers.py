@@ -723,6 +723,10 @@ def tables(settings: list[dict[str, Any]]) -> str:
         out.append(_targets(by, hits, target, ddp_std))
         again = _targets(by, hits_c, target, ddp_std).splitlines()[2:]
         out += ["without round switches (the times of the last two columns):", *again]
+        if target is not None and len(ddp) > 1:  # the "within one std" of DDP's mean
+            low = target - ddp_std
+            out.append(f"within one std of DDP's mean (time to {low:.2%}, round switches in):")
+            out += _targets(by, _hits(by, low), low, ddp_std).splitlines()[2:]
     return "\n".join(out)
 
 
