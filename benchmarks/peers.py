@@ -413,6 +413,9 @@ def worker(args: argparse.Namespace) -> None:
                         times.append(time.perf_counter() - t)
                     runner.finish()
                     train_s = time.perf_counter() - start
+                    # A completed send may still sit in this host's rate-limited queue: a
+                    # barrier, whose messages queue behind it, lets it reach the counter.
+                    dist.barrier()
                     tx = _tx_bytes(iface) - sent
                     t = time.perf_counter()
                     exported = runner.exported(scratch)
