@@ -47,7 +47,7 @@ from gossipgrad.train.data import load_dataset
 from gossipgrad.train.lock import RunBusyError, run_lock
 from gossipgrad.train.models import build_model, default_model
 from gossipgrad.train.recipe import check_amp
-from gossipgrad.train.worker import default_out, worker
+from gossipgrad.train.worker import default_out, ignore_signals, worker
 
 
 def train_command(cfg: TrainConfig) -> int:
@@ -76,7 +76,8 @@ def _train_locked(cfg: TrainConfig, out: Path) -> int:
         except failures.RunFailed as error:
             return _error(f"{algo} run failed: {error}", 1)
         except (KeyboardInterrupt, SignalException) as error:
-            _ignore_stop_signals()  # torch's handler would raise again, even at exit
+            # torch's handler would raise again on a second signal, even at exit
+            ignore_signals(signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
             signum = getattr(error, "sigval", signal.SIGINT)
             how = "interrupted" if signum == signal.SIGINT else f"stopped by {signum.name}"
             sys.stderr.write(f"gossipgrad: {how} during the {algo} run; see {out}\n")
@@ -90,17 +91,6 @@ def _train_locked(cfg: TrainConfig, out: Path) -> int:
         "(the rest: starting workers, loading data, evaluating, writing)"
     )
     return 0
-
-
-def _ignore_stop_signals() -> None:
-    """Once stopping, a second Ctrl-C or SIGTERM does nothing: a Python handler that returns,
-    not SIG_IGN (Python raises OSError for a signal that arrived before the change)."""
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-        signal.signal(signum, _do_nothing)
-
-
-def _do_nothing(_signum: int, _frame: object) -> None:
-    return
 
 
 def _error(message: str, status: int) -> int:

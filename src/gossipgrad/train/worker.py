@@ -79,12 +79,10 @@ def _stop_signals() -> Iterator[None]:
         yield
         return
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    interrupted: list[bool] = []
 
     def interrupt(_signum: int, _frame: object) -> None:
-        if not interrupted:  # not SIG_IGN: Python raises OSError for a signal pending then
-            interrupted.append(True)
-            raise KeyboardInterrupt
+        ignore_signals(signal.SIGINT)
+        raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -92,9 +90,21 @@ def _stop_signals() -> Iterator[None]:
     try:
         yield
     finally:
-        if not interrupted:  # after a Ctrl-C the process is ending: later ones stay ignored
+        if signal.getsignal(signal.SIGINT) is not _do_nothing:  # no Ctrl-C: not ending
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+
+
+def ignore_signals(*signums: int) -> None:
+    """Make ``signums`` do nothing from now on, with a Python handler that returns rather than
+    SIG_IGN: Python raises OSError for a signal already pending when its handler becomes
+    SIG_IGN."""
+    for signum in signums:
+        signal.signal(signum, _do_nothing)
+
+
+def _do_nothing(_signum: int, _frame: object) -> None:
+    return
 
 
 def _work(cfg: TrainConfig, standalone: bool) -> dict[str, dict[str, Any]]:
