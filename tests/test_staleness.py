@@ -218,3 +218,23 @@ def test_uneven_inputs_under_join_keep_the_average_with_delayed_mixing() -> None
     results = run_world(_uneven, 3)
     assert all(err < 1e-5 * 3 for err, _ in results)
     assert {step for _, step in results} == {7}  # every rank took the longest rank's steps
+
+
+def _buffers_at_wrapping(rank: int, world: int) -> tuple[int, bool, bool]:
+    model = GossipDataParallel(toy_model(), gossip_every=2, max_staleness=3)
+    made = {b.send.data_ptr() for slot in model._pool for b in slot}
+    zeroed = all(not b.send.any() and not b.recv.any() for slot in model._pool for b in slot)
+    used = set()
+    for t in range(12):
+        x, y = batch(rank, t)
+        nn.functional.cross_entropy(model(x), y).backward()
+        used |= {b.send.data_ptr() for p in model._pending for b in p.buckets}
+    model.flush()
+    return len(model._pool), zeroed, used <= made
+
+
+def test_every_exchange_buffer_is_allocated_and_touched_when_wrapping() -> None:
+    # touched at wrapping, so that no exchange step pays the page faults of fresh memory
+    slots = cadence.buffers_in_flight(2, 3)
+    assert slots == 3
+    assert run_world(_buffers_at_wrapping, 2) == [(slots, True, True)] * 2

@@ -144,8 +144,13 @@ class GossipDataParallel(nn.Module, Joinable):
         if ddp.get("init_sync", True):
             everything = [_real(t) for t in list(module.parameters()) + list(module.buffers())]
             broadcast_(everything, make_buckets(everything, cap), self.group, o.timeout)
-        self._buckets: list[Bucket] = make_buckets(self._mixed_tensors(), cap, o.wire_dtype)
-        self._pool = [self._buckets]  # exchange j uses self._pool[j % buffers_in_flight]
+        # Every buffer pair the exchanges will use (exchange j uses slot j % buffers_in_flight),
+        # allocated and touched now: a first touch costs a page fault per page (very slow in some
+        # VMs), which would otherwise land in the steps of the first exchanges.
+        slots = cadence.buffers_in_flight(o.gossip_every, o.max_staleness)
+        tensors = self._mixed_tensors()
+        self._pool = [make_buckets(tensors, cap, o.wire_dtype, zeroed=True) for _ in range(slots)]
+        self._buckets: list[Bucket] = self._pool[0]
         self._streams = _setup.extra_groups(self.group, o.streams)
         # float32-or-wider scratch for the collectives (the gossip buffers may be compressed)
         self._avg_buckets = make_buckets(self._replicas(), cap, at_least=torch.float32)
@@ -222,13 +227,10 @@ class GossipDataParallel(nn.Module, Joinable):
                 self._wait(inflight)
 
     def _buffers_for(self, index: int) -> list[Bucket]:
-        """Exchange ``index``'s buffers: its slot in the pool (allocated on first use), which
-        the exchange that used it before has left (``cadence.buffers_in_flight``)."""
+        """Exchange ``index``'s buffers: its slot in the pool, which the exchange that used it
+        before has left (``cadence.buffers_in_flight``)."""
         o = self.options
-        slot = cadence.buffer_slot(index, o.gossip_every, o.max_staleness)
-        while len(self._pool) <= slot:
-            self._pool.append(make_buckets(self._mixed_tensors(), o.bucket_cap_bytes, o.wire_dtype))
-        buckets = self._pool[slot]
+        buckets = self._pool[cadence.buffer_slot(index, o.gossip_every, o.max_staleness)]
         if any(p.buckets is buckets for p in self._pending):
             raise RuntimeError(
                 f"rank {self.rank}: gossip exchange {index} found its buffers still in use; "

@@ -79,13 +79,17 @@ def make_buckets(
     wire_dtype: torch.dtype | None = None,
     *,
     at_least: torch.dtype | None = None,
+    zeroed: bool = False,
 ) -> list[Bucket]:
     """Group ``tensors`` (in order) into buckets of at most ``cap_bytes`` (a single larger tensor
     gets a bucket of its own), never mixing dtypes or devices within a bucket. With
     ``wire_dtype``, the buffers of floating-point tensors hold that dtype (compressed payloads;
     ``torch.int8``: blockwise quantized, see ``gossipgrad._quantize``);
     with ``at_least`` (``torch.float32`` for collectives), narrower floating-point tensors get
-    buffers of that dtype, so that sums accumulate in it."""
+    buffers of that dtype, so that sums accumulate in it. ``zeroed``: fill the buffers now, so
+    that their memory is touched (one page fault per page) here rather than in the first step
+    that uses them."""
+    new = torch.zeros if zeroed else torch.empty
     groups: list[list[int]] = []
     sizes: list[int] = []
     keys: list[tuple[torch.dtype, torch.device]] = []
@@ -107,7 +111,7 @@ def make_buckets(
         numels = [tensors[i].numel() for i in idx]
         total, stage = sum(numels), None
         if wire_dtype is torch.int8 and dtype.is_floating_point:
-            stage = torch.empty(total, dtype=dtype, device=device)
+            stage = new(total, dtype=dtype, device=device)
             dtype, total = torch.int8, _quantize.encoded_size(total)
         elif wire_dtype is not None and dtype.is_floating_point:
             dtype = wire_dtype
@@ -118,8 +122,8 @@ def make_buckets(
         buckets.append(
             Bucket(
                 indices=idx,
-                send=torch.empty(total, dtype=dtype, device=device),
-                recv=torch.empty(total, dtype=dtype, device=device),
+                send=new(total, dtype=dtype, device=device),
+                recv=new(total, dtype=dtype, device=device),
                 numels=numels,
                 stage=stage,
             )
