@@ -31,7 +31,10 @@ wrapper is rebuilt without a broadcast (``init_sync=False``); the exchange in fl
 of an epoch is completed inside the timed epoch. After every epoch the exported model is
 evaluated on the held-out split: DDP's replica; the exact average of the replicas for gossip
 (``average_replicas(into=...)``), local SGD and ``local``. Training time excludes evaluations
-and the switching between rounds.
+and the switching between rounds. Before the first seed, each contender trains
+``--warmup-steps`` steps untimed on a replica that is then dropped: a process's first touches of
+fresh memory are slow (seconds on a VM), and without it they would all land on the first
+contender's first round.
 
 Columns: the median step of the slowest rank (each rank's median over all its steps, the
 largest over ranks) and the mean step (training time / steps); MB per rank per step as counted
@@ -352,6 +355,7 @@ def worker(args: argparse.Namespace) -> None:
         "momentum": args.momentum,
         "epochs": args.epochs,
         "steps_per_epoch": steps_per_epoch,
+        "warmup_steps": args.warmup_steps,
         "test_samples": len(y_test),
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
@@ -360,6 +364,17 @@ def worker(args: argparse.Namespace) -> None:
         "load_average_1min_start": os.getloadavg()[0],
         "runs": [],
     }
+    warm = [slice(i * args.batch, (i + 1) * args.batch) for i in range(args.warmup_steps)]
+    for spec in specs:  # untimed, so that no contender pays the process's first touches
+        runner = Runner(spec, build(0), args, None)
+        for rows in warm:
+            F.cross_entropy(runner.model(x_train[rows]), y_train[rows]).backward()
+            runner.opt.step()
+            runner.opt.zero_grad()
+        runner.finish()
+        runner.close()
+        del runner
+        gc.collect()
     for seed in args.seeds:
         runs: dict[str, dict[str, Any]] = {}
         for spec in specs:
@@ -551,7 +566,8 @@ def _run_setting(hosts: int, rate: str, args: argparse.Namespace) -> dict[str, A
         "torchrun", "--nnodes", "$NC_HOSTS", "--node-rank", "$NC_HOST", "--nproc-per-node", "1",
         "--master-addr", "$NC_MASTER", "--master-port", "29600", str(Path(__file__).resolve()),
         "--worker", "--rate", rate, "--out", str(out), "--epochs", str(args.epochs),
-        "--steps-per-epoch", str(args.steps_per_epoch), "--batch", str(args.batch),
+        "--steps-per-epoch", str(args.steps_per_epoch), "--warmup-steps", str(args.warmup_steps),
+        "--batch", str(args.batch),
         "--lr", str(args.lr), "--momentum", str(args.momentum), "--width", str(args.width),
         "--depth", str(args.depth), "--pg-timeout", str(args.pg_timeout),
         "--state-dir", str(Path(args.state_dir) / f"{hosts}x{rate}"),
@@ -814,6 +830,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--width", type=int, default=4096, help="wide-mlp hidden width")
     p.add_argument("--depth", type=int, default=3, help="wide-mlp hidden layers")
     p.add_argument("--steps-per-epoch", type=int, default=0, help="at most this many (0: all)")
+    warmup = "untimed steps of each contender before the first seed (on a dropped replica)"
+    p.add_argument("--warmup-steps", type=int, default=8, help=warmup)
     p.add_argument("--timeout", type=float, default=4 * 3600, help="driver: seconds per setting")
     lock = "driver: give up (exit 3) when the netcluster stays taken this long (s)"
     p.add_argument("--lock-wait", type=float, default=3600, help=lock)
