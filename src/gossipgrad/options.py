@@ -74,8 +74,8 @@ class GossipOptions:
             is still mixed exactly once (residual form), so the replicas' average is kept; the
             arithmetic does not depend on timing; the mixing weight shrinks with ``S`` so that
             delayed mixing still contracts (``gossipgrad.mixing.delayed_weight``). Costs
-            ``S // gossip_every`` more pairs of model-sized buffers; needs ``sync=False`` and
-            ``params`` mode.
+            ``S // gossip_every`` more pairs of model-sized buffers (allocated when wrapping);
+            needs ``sync=False`` and ``params`` mode.
     """
 
     sync: bool = False
