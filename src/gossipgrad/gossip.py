@@ -146,10 +146,11 @@ class GossipDataParallel(nn.Module, Joinable):
             broadcast_(everything, make_buckets(everything, cap), self.group, o.timeout)
         # Every buffer pair the exchanges will use (exchange j uses slot j % buffers_in_flight),
         # allocated and touched now: a first touch costs a page fault per page (very slow in some
-        # VMs), which would otherwise land in the steps of the first exchanges.
+        # VMs), which would otherwise land in the steps of the first exchanges. A world of one
+        # never exchanges, so its buffers stay untouched.
         slots = cadence.buffers_in_flight(o.gossip_every, o.max_staleness)
-        tensors = self._mixed_tensors()
-        self._pool = [make_buckets(tensors, cap, o.wire_dtype, zeroed=True) for _ in range(slots)]
+        tensors, touch = self._mixed_tensors(), self.world_size > 1
+        self._pool = [make_buckets(tensors, cap, o.wire_dtype, zeroed=touch) for _ in range(slots)]
         self._buckets: list[Bucket] = self._pool[0]
         self._streams = _setup.extra_groups(self.group, o.streams)
         # float32-or-wider scratch for the collectives (the gossip buffers may be compressed)
