@@ -254,6 +254,14 @@ class Runner:
                 setattr(self.powersgd, slot, value)
             self.model.register_comm_hook(self.powersgd, psgd.powerSGD_hook)
 
+    def step(self, x: Any, y: Any) -> None:
+        """One training step (the timed unit, and the warm-up's)."""
+        import torch.nn.functional as F
+
+        F.cross_entropy(self.model(x), y).backward()
+        self.opt.step()
+        self.opt.zero_grad()
+
     def close(self) -> None:
         """Let this round's objects be freed. ``GossipDataParallel`` registers a bound method as
         a post-accumulate-grad hook on every parameter; that cycle (parameter -> hook -> engine
@@ -312,7 +320,6 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch._dynamo  # noqa: F401 - the first optimizer imports it (seconds of CPU)
     import torch.distributed as dist
-    import torch.nn.functional as F
     from hierarchical_bench import _tx_bytes
 
     import gossipgrad
@@ -368,9 +375,7 @@ def worker(args: argparse.Namespace) -> None:
     for spec in specs:  # untimed, so that no contender pays the process's first touches
         runner = Runner(spec, build(0), args, None)
         for rows in warm:
-            F.cross_entropy(runner.model(x_train[rows]), y_train[rows]).backward()
-            runner.opt.step()
-            runner.opt.zero_grad()
+            runner.step(x_train[rows], y_train[rows])
         runner.finish()
         runner.close()
         del runner
@@ -422,9 +427,7 @@ def worker(args: argparse.Namespace) -> None:
                     for idx in batches:
                         x, y = x_train[idx], y_train[idx]
                         t = time.perf_counter()
-                        F.cross_entropy(runner.model(x), y).backward()
-                        runner.opt.step()
-                        runner.opt.zero_grad()
+                        runner.step(x, y)
                         times.append(time.perf_counter() - t)
                     runner.finish()
                     train_s = time.perf_counter() - start
