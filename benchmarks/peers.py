@@ -189,7 +189,7 @@ def expected_bytes(spec: Spec, shapes: list[list[int]], world: int, steps: int) 
         return ring * model * math.ceil(steps / spec.period) / steps if spec.period else 0.0
     o = dict(spec.gossip)
     wire = model // 2 if o.get("wire_dtype") else model
-    sent = wire * math.ceil(steps / o.get("gossip_every", 1))
+    sent = wire * (math.ceil(steps / o.get("gossip_every", 1)) - 1)  # exchange 0 is not sent
     if o.get("average_every"):
         sent += ring * model * (steps // o["average_every"])
     return sent / steps

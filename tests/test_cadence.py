@@ -56,6 +56,16 @@ def test_traffic_and_averages_follow_the_cadence(every: int, average: int) -> No
                 assert spreads[t] > 0.0
 
 
+@pytest.mark.parametrize("every", [1, 2, 5])
+@pytest.mark.parametrize("staleness", [0, 3])
+def test_exchange_0_is_neither_sent_nor_mixed(every: int, staleness: int) -> None:
+    # every replica is the same at step 0, so its exchange would mix in exactly nothing
+    starts = [t for t in range(40) if cadence.exchange_starts(t, every)]
+    mixed = [cadence.mixed_exchange(t, every, staleness) for t in range(40)]
+    assert starts[0] == every and starts == list(range(every, 40, every))
+    assert 0 not in mixed and min(j for j in mixed if j is not None) == 1
+
+
 def _pure_mixing(rank: int, world: int, every: int) -> tuple[float, float, float]:
     model = GossipDataParallel(toy_model(batchnorm=False), gossip_every=every)
     perturb_(model.module, rank)

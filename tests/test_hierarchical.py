@@ -82,7 +82,7 @@ def test_only_leaders_send_across_nodes_to_one_leader_per_step() -> None:
         for t, events in enumerate(steps):
             sends = [e for e in events if e[0] == "isend"]
             recvs = [e for e in events if e[0] == "irecv"]
-            if rank not in leaders:
+            if rank not in leaders or t == 0:  # step 0: every replica is the same
                 assert not sends and not recvs, f"rank {rank} step {t}: {events}"
                 assert sent[t] == 0
                 continue

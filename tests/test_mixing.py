@@ -57,3 +57,18 @@ def test_int8_encoding_is_within_half_a_step_and_a_quarter_of_the_bytes() -> Non
     for bucket, t in zip(buckets, (a, b), strict=True):
         assert mix_residual_([t], bucket.send, bucket.recv, 0.5, require_finite=True)
     assert ((a + b).double() - total).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("wire", [None, torch.bfloat16, torch.int8])
+def test_mixing_equal_replicas_changes_nothing_exactly(wire: torch.dtype | None) -> None:
+    # why exchange 0 is not sent (gossipgrad.cadence): at step 0 every replica is the same, so
+    # the snapshot sent equals the one received, and x + w (r - s) is x, bit for bit
+    x = [torch.randn(3, 5), torch.randn(7)]
+    bucket = make_buckets(x, 2**20, wire)[0]
+    encode_(bucket, x)
+    bucket.recv.copy_(bucket.send)  # the partner's snapshot of the same replica
+    for t in x:
+        t.add_(torch.randn_like(t))  # the local steps taken while the exchange would travel
+    want = [t.clone() for t in x]
+    assert mix_residual_(x, bucket.send, bucket.recv, 0.5, require_finite=True)
+    assert all(torch.equal(a, b) for a, b in zip(x, want, strict=True))

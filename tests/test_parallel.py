@@ -136,7 +136,8 @@ def test_each_step_sends_one_model_to_one_rank_and_receives_from_one(
     world: int, bucket_cap_mb: float
 ) -> None:
     for rank, (steps, model_bytes) in enumerate(run_world(_traffic, world, bucket_cap_mb)):
-        for t, events in enumerate(steps):
+        assert steps[0] == [], f"rank {rank}: step 0 sends nothing (every replica is the same)"
+        for t, events in enumerate(steps[1:], start=1):
             sends = [e for e in events if e[0] == "isend"]
             recvs = [e for e in events if e[0] == "irecv"]
             assert len({e[1] for e in sends}) == 1, f"rank {rank} step {t}: {sends}"
@@ -146,13 +147,13 @@ def test_each_step_sends_one_model_to_one_rank_and_receives_from_one(
             assert sum(e[2] for e in recvs) <= 1.05 * model_bytes
             assert not [e for e in events if e[0] in Recorder.COLLECTIVES]
         if bucket_cap_mb < 0.001:
-            assert len([e for e in steps[0] if e[0] == "isend"]) > 1, "small cap: several buckets"
+            assert len([e for e in steps[1] if e[0] == "isend"]) > 1, "small cap: several buckets"
 
 
 def test_int8_on_the_wire_sends_the_encoding_only() -> None:
     floats = sum(t.numel() for t in replica_tensors(toy_model()))  # one bucket at 25 MiB
     for steps, _ in run_world(functools.partial(_traffic, wire_dtype=torch.int8), 2, 25):
-        for events in steps:
+        for events in steps[1:]:
             sent = sum(e[2] for e in events if e[0] == "isend")
             assert sent == _quantize.encoded_size(floats)  # 1 byte a value + 4 per 256
 
@@ -160,7 +161,7 @@ def test_int8_on_the_wire_sends_the_encoding_only() -> None:
 def test_bfloat16_on_the_wire_halves_the_bytes_and_streams_keep_one_partner() -> None:
     fn = functools.partial(_traffic, wire_dtype=torch.bfloat16, streams=3)
     for steps, model_bytes in run_world(fn, 3, 0.0001):
-        for events in steps:
+        for events in steps[1:]:
             sends = [e for e in events if e[0] == "isend"]
             assert len({e[1] for e in sends}) == 1
             assert len({e[1] for e in events if e[0] == "irecv"}) == 1
@@ -174,7 +175,7 @@ def _order(rank: int, world: int) -> list[tuple]:
     model.module[-1].register_full_backward_hook(lambda *a: events.append(("backward",)))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with Recorder(events):
-        for t in range(4):
+        for t in range(5):
             events.append(("step", t))
             x, y = batch(rank, t)
             nn.functional.cross_entropy(model(x), y).backward()
@@ -190,13 +191,16 @@ def test_the_exchange_of_step_t_travels_while_step_t_computes() -> None:
         sends = [i for i, k in enumerate(kinds) if k == "isend"]
         backwards = [i for i, k in enumerate(kinds) if k == "backward"]
         recv_waits = [i for i, e in enumerate(events) if e == ("wait", "irecv")]
-        assert len(sends) == len(backwards) == len(recv_waits) == 4
-        for t in range(4):
+        # step 0 sends nothing (every replica is the same), steps 1 to 4 one exchange each
+        assert len(sends) == len(recv_waits) == 4 and len(backwards) == 5
+        assert events.index(("step", 1)) < sends[0], events
+        for t in range(1, 5):
+            i = t - 1
             # started in the forward, completed only at the end of the backward, before the
             # optimizer step (so before step t + 1 begins)
-            assert events.index(("step", t)) < sends[t] < backwards[t] < recv_waits[t], events
-            if t + 1 < 4:
-                assert recv_waits[t] < events.index(("step", t + 1))
+            assert events.index(("step", t)) < sends[i] < backwards[t] < recv_waits[i], events
+            if t + 1 < 5:
+                assert recv_waits[i] < events.index(("step", t + 1))
 
 
 # --- accuracy against the all-reduce baseline -----------------------------------------------
@@ -293,6 +297,7 @@ def _silent_partner(rank: int, world: int, sync: bool) -> str:
         store.wait(["rank 0 done"], timedelta(seconds=50))
         return "waited"
     x, _ = batch(rank, 0)
+    model(x).sum().backward()  # step 0 exchanges nothing (every replica is the same)
     started = time.monotonic()
     try:
         model(x).sum().backward()
@@ -316,10 +321,11 @@ def _nan_from_rank_1(rank: int, world: int, on_nonfinite: str) -> tuple[str, boo
     model = GossipDataParallel(
         toy_model(), sync=True, on_nonfinite=on_nonfinite, timeout=timedelta(seconds=3)
     )
+    x, _ = batch(rank, 0)
+    model(x).sum().backward()  # step 0 exchanges nothing (every replica is the same)
     if rank == 1:
         with torch.no_grad():
             model.module[0].weight[0, 0] = float("nan")
-    x, _ = batch(rank, 0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -333,7 +339,7 @@ def _nan_from_rank_1(rank: int, world: int, on_nonfinite: str) -> tuple[str, boo
 def test_nan_is_never_mixed_in_silently() -> None:
     (msg0, finite0), (msg1, _) = run_world(_nan_from_rank_1, 2, "skip")
     assert (
-        "NaN or inf in parameters received from rank 1 at gossip step 0" in msg0
+        "NaN or inf in parameters received from rank 1 at gossip step 1" in msg0
         and "skipping" in msg0
     )
     assert finite0, "rank 0 skipped the poisoned exchange"

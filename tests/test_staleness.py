@@ -28,7 +28,8 @@ def test_each_exchange_is_mixed_once_exactly_staleness_steps_late(
 ) -> None:
     mixed = [cadence.mixed_exchange(t, every, staleness) for t in range(60)]
     exchanges = [j for j in mixed if j is not None]
-    assert exchanges == list(range(len(exchanges)))  # each once, in order
+    # each once, in order, from exchange 1 (exchange 0 is not sent: every replica is the same)
+    assert exchanges == list(range(1, len(exchanges) + 1))
     for t, j in enumerate(mixed):
         if j is not None:  # due at the end of step jK + K - 1, mixed S steps later
             assert t == j * every + every - 1 + staleness
@@ -39,9 +40,9 @@ def test_each_exchange_is_mixed_once_exactly_staleness_steps_late(
         assert in_flight <= cadence.buffers_in_flight(every, staleness)
         in_flight -= mixed[t] is not None
     if staleness == 0:
+        indices = [cadence.exchange_index(t, every) for t in range(60)]
         assert mixed == [
-            cadence.exchange_index(t, every) if cadence.exchange_ends(t, every) else None
-            for t in range(60)
+            j if cadence.exchange_ends(t, every) and j > 0 else None for t, j in enumerate(indices)
         ]
 
 
@@ -95,12 +96,12 @@ def test_the_engine_mixes_s_steps_late_and_the_virtual_cluster_matches(
 ) -> None:
     world = 4
     engine = run_world(_train, world, staleness, every)
-    exchanges = len(range(0, _STEPS, every))
+    exchanges = len(range(every, _STEPS, every))  # exchange 0 is not sent
     for in_training, everything, sends, *_ in engine:
         assert in_training, "some exchanges are due within the run"
         for j, t in in_training:
             assert t == j * every + every - 1 + staleness, in_training  # never later or sooner
-        assert everything == list(range(exchanges))  # each exchange mixed once, in order
+        assert everything == list(range(1, exchanges + 1))  # each mixed once, in order
         for t, n in enumerate(sends):  # still one partner per exchange, one message stream
             assert (n > 0) == cadence.exchange_starts(t, every)
     torch.manual_seed(0)

@@ -8,14 +8,21 @@ the partner's is mixed in at the end of the backward of the last one (residual f
 every ``H``-th step (Gossip-PGA). Partners follow the schedule by exchange, not by step. With
 ``max_staleness = S``, each exchange is mixed ``S`` steps after that (bounded staleness), so up to
 ``buffers_in_flight`` exchanges travel at once.
+
+Exchange 0 (posted at step 0) is never sent: at step 0 every replica is the same (broadcast when
+wrapping, or DDP's ``init_sync=False`` contract), so its mix ``x + w (r - s)`` would add exactly
+zero and cost one model's traffic. The first exchange sent is exchange 1; partners still follow
+the schedule by exchange index. Replicas that differ at step 0 (a contract broken) skip one mix,
+which keeps their mean.
 """
 
 from __future__ import annotations
 
 
 def exchange_starts(step: int, gossip_every: int) -> bool:
-    """Whether step ``step`` (0-based) sends the replica."""
-    return step % gossip_every == 0
+    """Whether step ``step`` (0-based) sends the replica (not step 0: see the module
+    docstring)."""
+    return step > 0 and step % gossip_every == 0
 
 
 def exchange_ends(step: int, gossip_every: int) -> bool:
@@ -39,7 +46,8 @@ def mixed_exchange(step: int, gossip_every: int, max_staleness: int = 0) -> int 
     due = step - max_staleness
     if due < 0 or not exchange_ends(due, gossip_every):
         return None
-    return exchange_index(due, gossip_every)
+    index = exchange_index(due, gossip_every)
+    return index if index > 0 else None  # exchange 0 is not sent
 
 
 def buffers_in_flight(gossip_every: int, max_staleness: int = 0) -> int:

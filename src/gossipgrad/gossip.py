@@ -14,7 +14,9 @@ forward ran in training mode with gradients enabled. In the default ``params`` m
 
 1. the first such forward snapshots the parameters (the result of the last optimizer step) into
    flat buffers and starts sending them to ``send_to`` while receiving ``recv_from``'s snapshot
-   (``gossipgrad.schedule``); it changes nothing, so any number of forwards may follow;
+   (``gossipgrad.schedule``); it changes nothing, so any number of forwards may follow. Step 0
+   sends nothing: every replica is the same then, so its mix would add exactly zero
+   (``gossipgrad.cadence``);
 2. the exchange travels while forward and backward compute (gloo's own threads move the bytes);
 3. at the end of backward (an autograd callback, where DDP finishes its all-reduce) the engine
    waits for it and mixes in residual form ``x <- x + w (r - s)`` (``gossipgrad.mixing``), which
