@@ -72,3 +72,27 @@ def test_mixing_equal_replicas_changes_nothing_exactly(wire: torch.dtype | None)
     want = [t.clone() for t in x]
     assert mix_residual_(x, bucket.send, bucket.recv, 0.5, require_finite=True)
     assert all(torch.equal(a, b) for a, b in zip(x, want, strict=True))
+
+
+@pytest.mark.parametrize("wire", [torch.bfloat16, torch.float16])
+def test_a_compressed_wire_mixes_in_its_buckets_shared_stage_exactly_as_in_a_temporary(
+    wire: torch.dtype,
+) -> None:
+    # the stage is allocated with the buckets (an exchange allocates nothing): one buffer the
+    # size of the largest bucket, shared, and the same arithmetic bit for bit
+    x = [torch.randn(300), torch.randn(40, 5), torch.randn(100)]
+    buckets = make_buckets(x, cap_bytes=1000, wire_dtype=wire, zeroed=True)
+    assert [b.indices for b in buckets] == [[0], [1], [2]]
+    stages = [b.stage for b in buckets]
+    assert all(s is not None and s.dtype == torch.float32 and not s.any() for s in stages)
+    assert len({s.untyped_storage().data_ptr() for s in stages if s is not None}) == 1
+    assert max(s.untyped_storage().nbytes() for s in stages if s is not None) == 300 * 4
+    y = [t.clone() for t in x]
+    for b in buckets:
+        own_x, own_y = [x[i] for i in b.indices], [y[i] for i in b.indices]
+        encode_(b, own_x)
+        b.recv.copy_(torch.randn(b.recv.numel()))
+        sent = b.send.clone()
+        assert mix_residual_(own_x, b.send, b.recv, 0.5, scratch=b.stage)
+        assert mix_residual_(own_y, sent, b.recv, 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(x, y, strict=True))

@@ -221,10 +221,13 @@ def test_uneven_inputs_under_join_keep_the_average_with_delayed_mixing() -> None
     assert {step for _, step in results} == {7}  # every rank took the longest rank's steps
 
 
-def _buffers_at_wrapping(rank: int, world: int) -> tuple[int, bool, bool]:
-    model = GossipDataParallel(toy_model(), gossip_every=2, max_staleness=3)
+def _buffers_at_wrapping(rank: int, world: int, wire: torch.dtype | None) -> tuple[int, bool, bool]:
+    model = GossipDataParallel(toy_model(), gossip_every=2, max_staleness=3, wire_dtype=wire)
     made = {b.send.data_ptr() for slot in model._pool for b in slot}
-    zeroed = all(not b.send.any() and not b.recv.any() for slot in model._pool for b in slot)
+    buffers = [(b.send, b.recv, b.stage) for slot in model._pool for b in slot]
+    zeroed = all(t is None or not t.any() for group in buffers for t in group)
+    if wire is not None:  # the stage where a compressed payload's difference is computed
+        assert all(stage is not None for *_, stage in buffers)
     used = set()
     for t in range(12):
         x, y = batch(rank, t)
@@ -234,8 +237,11 @@ def _buffers_at_wrapping(rank: int, world: int) -> tuple[int, bool, bool]:
     return len(model._pool), zeroed, used <= made
 
 
-def test_every_exchange_buffer_is_allocated_and_touched_when_wrapping() -> None:
+@pytest.mark.parametrize("wire", [None, torch.bfloat16])
+def test_every_exchange_buffer_is_allocated_and_touched_when_wrapping(
+    wire: torch.dtype | None,
+) -> None:
     # touched at wrapping, so that no exchange step pays the page faults of fresh memory
     slots = cadence.buffers_in_flight(2, 3)
     assert slots == 3
-    assert run_world(_buffers_at_wrapping, 2) == [(slots, True, True)] * 2
+    assert run_world(_buffers_at_wrapping, 2, wire) == [(slots, True, True)] * 2

@@ -291,7 +291,8 @@ class GossipDataParallel(nn.Module, Joinable):
             if ex.recv_from is None:
                 continue
             own = [tensors[i] for i in b.indices]
-            if not mix_residual_(own, b.send, b.recv, weight, require_finite=True):
+            mixed = mix_residual_(own, b.send, b.recv, weight, require_finite=True, scratch=b.stage)
+            if not mixed:
                 # s - r is not finite: the received buffer, or else this rank's own snapshot
                 what = "local" if is_finite(b.recv) else "received"
                 self._nonfinite(what, ex.recv_from, inflight.step)

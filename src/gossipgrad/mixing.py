@@ -16,7 +16,7 @@ partner (staleness 1). When nothing moved, ``x == s`` and both forms agree.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -28,8 +28,11 @@ from gossipgrad import _quantize
 @dataclass
 class Bucket:
     """A group of same-dtype, same-device tensors and two flat buffers the size of their sum:
-    ``send`` holds the snapshot that goes out, ``recv`` what comes in. With an int8 wire they
-    hold the encoding (``gossipgrad._quantize``) and ``stage`` the values before encoding."""
+    ``send`` holds the snapshot that goes out, ``recv`` what comes in. With a compressed wire
+    they hold the wire's dtype, and ``stage`` (in the tensors' dtype, the same size) holds the
+    values before encoding (int8: the encoding is ``gossipgrad._quantize``'s) or the difference
+    that ``mix_residual_`` computes (bfloat16, float16: the buckets of one ``make_buckets`` call
+    share one stage, the size of the largest, used by one bucket at a time)."""
 
     indices: list[int]
     send: torch.Tensor
@@ -90,22 +93,8 @@ def make_buckets(
     that their memory is touched (one page fault per page) here rather than in the first step
     that uses them."""
     new = torch.zeros if zeroed else torch.empty
-    groups: list[list[int]] = []
-    sizes: list[int] = []
-    keys: list[tuple[torch.dtype, torch.device]] = []
-    open_group: dict[tuple[torch.dtype, torch.device], int] = {}
-    for i, t in enumerate(tensors):
-        key = (t.dtype, t.device)
-        nbytes = t.numel() * t.element_size()
-        g = open_group.get(key)
-        if g is None or sizes[g] + nbytes > cap_bytes:
-            g = len(groups)
-            groups.append([])
-            sizes.append(0)
-            keys.append(key)
-            open_group[key] = g
-        groups[g].append(i)
-        sizes[g] += nbytes
+    groups, keys = _group(tensors, cap_bytes)
+    shared = _shared_stages(tensors, groups, keys, wire_dtype, new)
     buckets = []
     for idx, (dtype, device) in zip(groups, keys, strict=True):
         numels = [tensors[i].numel() for i in idx]
@@ -114,6 +103,7 @@ def make_buckets(
             stage = new(total, dtype=dtype, device=device)
             dtype, total = torch.int8, _quantize.encoded_size(total)
         elif wire_dtype is not None and dtype.is_floating_point:
+            stage = shared[(dtype, device)][:total]
             dtype = wire_dtype
         elif (
             at_least is not None and dtype.is_floating_point and dtype.itemsize < at_least.itemsize
@@ -129,6 +119,49 @@ def make_buckets(
             )
         )
     return buckets
+
+
+_Key = tuple[torch.dtype, torch.device]
+
+
+def _group(tensors: Sequence[torch.Tensor], cap_bytes: int) -> tuple[list[list[int]], list[_Key]]:
+    """The indices of each bucket's tensors, and each bucket's dtype and device."""
+    groups: list[list[int]] = []
+    sizes: list[int] = []
+    keys: list[_Key] = []
+    open_group: dict[_Key, int] = {}
+    for i, t in enumerate(tensors):
+        key = (t.dtype, t.device)
+        nbytes = t.numel() * t.element_size()
+        g = open_group.get(key)
+        if g is None or sizes[g] + nbytes > cap_bytes:
+            g = len(groups)
+            groups.append([])
+            sizes.append(0)
+            keys.append(key)
+            open_group[key] = g
+        groups[g].append(i)
+        sizes[g] += nbytes
+    return groups, keys
+
+
+def _shared_stages(
+    tensors: Sequence[torch.Tensor],
+    groups: list[list[int]],
+    keys: list[_Key],
+    wire_dtype: torch.dtype | None,
+    new: Callable[..., torch.Tensor],
+) -> dict[_Key, torch.Tensor]:
+    """With a bfloat16 or float16 wire: per dtype and device, one buffer the size of the largest
+    bucket, where residual mixing computes the difference (allocated once here rather than at
+    every exchange: fresh memory costs a page fault per page)."""
+    if wire_dtype is None or wire_dtype is torch.int8:
+        return {}
+    largest: dict[_Key, int] = {}
+    for idx, key in zip(groups, keys, strict=True):
+        if key[0].is_floating_point:
+            largest[key] = max(largest.get(key, 0), sum(tensors[i].numel() for i in idx))
+    return {key: new(n, dtype=key[0], device=key[1]) for key, n in largest.items()}
 
 
 def views(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -150,10 +183,10 @@ def pack_(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 @torch.no_grad()
 def encode_(bucket: Bucket, tensors: Sequence[torch.Tensor]) -> None:
     """Put ``tensors``, the bucket's own, in its ``send`` buffer, in the wire's format."""
-    if bucket.stage is None:
-        pack_(bucket.send, tensors)
-    else:
+    if bucket.send.dtype is torch.int8 and bucket.stage is not None:
         _quantize.encode_(bucket.send, pack_(bucket.stage, tensors))
+    else:
+        pack_(bucket.send, tensors)
 
 
 @torch.no_grad()
@@ -172,11 +205,14 @@ def mix_residual_(
     weight: float,
     *,
     require_finite: bool = False,
+    scratch: torch.Tensor | None = None,
 ) -> bool:
     """Overlapped mixing: ``x <- x + w (r - s)``; ``sent`` may be overwritten. Returns whether
     it mixed: with ``require_finite``, a NaN or inf in ``s - r`` (so in ``s`` or in ``r``) leaves
     ``tensors`` unchanged and returns False. That one check on the difference stands for checking
     the snapshot and the received buffer apart, at the cost of one pass instead of two.
+    ``scratch`` (the bucket's ``stage``): where a bfloat16 or float16 payload's difference is
+    computed, instead of a temporary allocated at every call.
 
     Summed over ranks the changes cancel (every snapshot is sent once and received once), so the
     average is kept even when ``s`` and ``r`` were rounded to a narrower wire dtype."""
@@ -188,8 +224,8 @@ def mix_residual_(
         diff = _quantize.decode(sent, n, dtype).sub_(_quantize.decode(received, n, dtype))
     elif sent.dtype == dtype:
         diff = sent.sub_(received)
-    else:  # one temporary in the parameters' dtype; s is widened on the fly
-        diff = received.to(dtype)
+    else:  # in the parameters' dtype (scratch, or one temporary); s is widened on the fly
+        diff = received.to(dtype) if scratch is None else scratch.copy_(received)
         torch.sub(sent, diff, out=diff)
     if require_finite and not is_finite(diff):
         return False

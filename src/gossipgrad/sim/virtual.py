@@ -189,7 +189,8 @@ class VirtualCluster:
                 continue
             tensors, weight = self._mixed(i), delayed_weight(ex.weight, delay)
             for b in buckets:
-                mix_residual_([tensors[i] for i in b.indices], b.send, b.recv, weight)
+                own = [tensors[i] for i in b.indices]
+                mix_residual_(own, b.send, b.recv, weight, scratch=b.stage)
 
     def _gossip_grads(self) -> None:
         params = [list(r.parameters()) for r in self.replicas]
