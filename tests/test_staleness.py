@@ -245,3 +245,13 @@ def test_every_exchange_buffer_is_allocated_and_touched_when_wrapping(
     slots = cadence.buffers_in_flight(2, 3)
     assert slots == 3
     assert run_world(_buffers_at_wrapping, 2, wire) == [(slots, True, True)] * 2
+
+
+def test_the_virtual_cluster_makes_every_buffer_slot_when_built_as_the_engine() -> None:
+    cluster = VirtualCluster(toy_model(), 2, _optimizer, gossip_every=2, max_staleness=3)
+    assert len(cluster._pool) == cadence.buffers_in_flight(2, 3)
+    made = {id(slot) for slot in cluster._pool}
+    for t in range(12):
+        cluster.train_step([batch(rank, t) for rank in range(2)], nn.functional.cross_entropy)
+        assert {id(pool) for *_, pool in cluster._pending} <= made
+    assert len(cluster._pool) == cadence.buffers_in_flight(2, 3)

@@ -99,10 +99,12 @@ class VirtualCluster:
         self._trackers = [[torch.zeros_like(p) for p in ps] for ps in tracked]
         self._last_grads = [[torch.zeros_like(p) for p in ps] for ps in tracked]
         cap = o.bucket_cap_bytes
-        self._buckets: list[list[Bucket]] = [
-            make_buckets(self._mixed(i), cap, o.wire_dtype) for i in range(world_size)
+        # exchange j uses slot j % buffers_in_flight, as in the engine: every slot made now
+        self._pool: list[list[list[Bucket]]] = [
+            [make_buckets(self._mixed(i), cap, o.wire_dtype) for i in range(world_size)]
+            for _ in range(cadence.buffers_in_flight(o.gossip_every, o.max_staleness))
         ]
-        self._pool = [self._buckets]  # exchange j uses slot j % buffers_in_flight, as the engine
+        self._buckets = self._pool[0]
         # overlapped: the exchanges in flight (index, plans, buffers), oldest first
         self._pending: deque[tuple[int, list[Exchange], list[list[Bucket]]]] = deque()
 
@@ -172,11 +174,6 @@ class VirtualCluster:
         o = self.options
         index = cadence.exchange_index(self.step, o.gossip_every)
         slot = cadence.buffer_slot(index, o.gossip_every, o.max_staleness)
-        while len(self._pool) <= slot:
-            cap = o.bucket_cap_bytes
-            self._pool.append(
-                [make_buckets(self._mixed(i), cap, o.wire_dtype) for i in range(self.world_size)]
-            )
         tensors = [self._mixed(i) for i in range(self.world_size)]
         plans = self._exchange(tensors, index, self._pool[slot])
         self._pending.append((index, plans, self._pool[slot]))
