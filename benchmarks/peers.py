@@ -34,7 +34,13 @@ evaluated on the held-out split: DDP's replica; the exact average of the replica
 and the switching between rounds. Before the first seed, each contender trains
 ``--warmup-steps`` steps untimed on a replica that is then dropped: a process's first touches of
 fresh memory are slow (seconds on a VM), and without it they would all land on the first
-contender's first round.
+contender's first round. The driver also runs the workers with glibc keeping what they free
+(``--keep-heap``, the default: ``GLIBC_TUNABLES`` set to ``KEEP_HEAP``), as a user would preload
+jemalloc or tcmalloc (PyTorch's CPU performance tuning guide): with glibc's defaults every
+tensor over 32 MB is a fresh ``mmap``, and on this VM, where freed pages go back to the host at
+once (free page reporting), every first touch of a page costs tens of microseconds under load.
+That taxed every contender's steps (``zero_grad`` frees the gradients at every step), and the
+first step of a round most. ``--no-keep-heap`` measures with glibc's defaults.
 
 Columns: the median step of the slowest rank (each rank's median over all its steps, the
 largest over ranks) and the mean step (training time / steps); MB per rank per step as counted
@@ -99,6 +105,10 @@ DEFAULT_CONTENDERS = (
     "gossip-k8-bf16",
     "local",
 )
+# glibc keeps what a worker frees (no mmap, no trim), so that rebuilding every contender at
+# every round reuses the process's pages: on this VM a freed page goes back to the host at once
+# (free page reporting) and the next first touch of it costs tens of microseconds under load.
+KEEP_HEAP = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776"
 POWERSGD_START = 2  # the least start_powerSGD_iter torch accepts with error feedback
 _GOSSIP = re.compile(r"gossip(?:-k(\d+))?(?:-(bf16|fp16))?(?:-pga(\d+))?(-sync)?")
 
@@ -368,6 +378,7 @@ def worker(args: argparse.Namespace) -> None:
         "torch": torch.__version__,
         "gossipgrad_file": gossipgrad.__file__,
         "powersgd_start_iter": POWERSGD_START,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "load_average_1min_start": os.getloadavg()[0],
         "runs": [],
     }
@@ -576,7 +587,8 @@ def _run_setting(hosts: int, rate: str, args: argparse.Namespace) -> dict[str, A
         "--state-dir", str(Path(args.state_dir) / f"{hosts}x{rate}"),
         "--seeds", *map(str, args.seeds), "--contenders", *args.contenders,
     ]  # fmt: skip
-    script = "GLOO_SOCKET_IFNAME=$NC_IFACE OMP_NUM_THREADS=1 exec " + " ".join(
+    keep = f"GLIBC_TUNABLES={KEEP_HEAP} " if args.keep_heap else ""
+    script = f"{keep}GLOO_SOCKET_IFNAME=$NC_IFACE OMP_NUM_THREADS=1 exec " + " ".join(
         a if a.startswith("$") else shlex.quote(a) for a in inner
     )
     netcluster = str(ROOT / "benchmarks" / "netcluster.sh")
@@ -609,6 +621,7 @@ def _key(run: dict[str, Any], setting: dict[str, Any]) -> tuple:
         setting["epochs"],
         json.dumps(setting["model_options"]),
         setting["batch_per_host"],
+        setting.get("glibc_tunables", ""),
         run["contender"],
         run["seed"],
     )
@@ -631,7 +644,8 @@ def _group(settings: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
     groups: dict[tuple, dict[str, Any]] = {}
     for s in settings:
         key = (rate_bytes(s["rate"]), s["hosts"], s["rate"], s["epochs"],
-               json.dumps(s["model_options"]), s["batch_per_host"])  # fmt: skip
+               json.dumps(s["model_options"]), s["batch_per_host"],
+               s.get("glibc_tunables", ""))  # fmt: skip
         g = groups.setdefault(key, {"setting": s, "loads": [], "by": {}, "sources": []})
         g["loads"] += [x["load_average_1min"] for r in s["runs"] for x in r.get("rounds", [])]
         g["sources"].append(s.get("commit", "?")[:10] + ("+dirty" if s.get("src_dirty") else ""))
@@ -710,6 +724,7 @@ def tables(settings: list[dict[str, Any]]) -> str:
         base = statistics.mean(r["step_mean_s"] for r in ddp) if ddp else None
         seeds = sorted({r["seed"] for rs in by.values() for r in rs})
         loads = g["loads"] or [float("nan")]
+        heap = "keeping freed memory" if s.get("glibc_tunables") else "defaults"
         out.append(
             f"\n{s['hosts']} hosts at {s['rate']}, wide-mlp {s['model_options']} "
             f"({s['params'] / 1e6:.1f}M parameters, {s['model_bytes'] / 1e6:.1f} MB), digits, "
@@ -717,7 +732,7 @@ def tables(settings: list[dict[str, Any]]) -> str:
             f"{s['epochs']} epochs of {s['steps_per_epoch']} steps, seeds {seeds}; "
             f"{s['cpus']} CPU cores shared by all hosts, load average "
             f"{min(loads):.1f}-{max(loads):.1f} (mean {statistics.mean(loads):.1f}) over the "
-            f"rounds; code {', '.join(sorted(set(g['sources'])))}\n"
+            f"rounds; glibc malloc {heap}; code {', '.join(sorted(set(g['sources'])))}\n"
         )
         goal = f"{target:.2%}" if target is not None else "DDP's accuracy"
         out += [
@@ -835,6 +850,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps-per-epoch", type=int, default=0, help="at most this many (0: all)")
     warmup = "untimed steps of each contender before the first seed (on a dropped replica)"
     p.add_argument("--warmup-steps", type=int, default=8, help=warmup)
+    heap = "driver: workers keep freed memory (GLIBC_TUNABLES, KEEP_HEAP), for every contender"
+    p.add_argument("--keep-heap", action=argparse.BooleanOptionalAction, default=True, help=heap)
     p.add_argument("--timeout", type=float, default=4 * 3600, help="driver: seconds per setting")
     lock = "driver: give up (exit 3) when the netcluster stays taken this long (s)"
     p.add_argument("--lock-wait", type=float, default=3600, help=lock)
