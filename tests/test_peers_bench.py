@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "peers.py"
 sys.path.insert(0, str(SCRIPT.parent))
 
-from peers import DEFAULT_CONTENDERS, tables  # noqa: E402
+from peers import DEFAULT_CONTENDERS, KEEP_HEAP, tables  # noqa: E402
 
 
 def _netns_works() -> bool:
@@ -48,6 +48,7 @@ def test_quick_run_every_contender(tmp_path: Path) -> None:
     (setting,) = json.loads(out.read_text())
     assert setting["hosts"] == 2 and setting["exit"] == 0
     assert os.path.basename(setting["gossipgrad_file"]) == "__init__.py"
+    assert setting["glibc_tunables"] == KEEP_HEAP  # --keep-heap is the default
     runs = {r["contender"]: r for r in setting["runs"]}
     assert sorted(runs) == sorted(contenders)
     for name, run in runs.items():
@@ -55,6 +56,7 @@ def test_quick_run_every_contender(tmp_path: Path) -> None:
         assert run["steps"] == 12 and [e["epoch"] for e in run["evals"]] == [1, 2]
         assert 0.0 <= run["final_test_acc"] <= 1.0
         assert run["step_median_s"] > 0 and run["train_time_s"] > 0
+        assert all(x["direct_reclaim_stalls"] >= 0 for x in run["rounds"])
         expected, measured = run["expected_mb_per_rank_per_step"], run["mb_per_rank_per_step"]
         if name == "local":
             assert measured < 0.005, measured  # nothing but the launcher's store traffic
@@ -65,3 +67,7 @@ def test_quick_run_every_contender(tmp_path: Path) -> None:
     assert mb["gossip-k8-bf16"] < 0.6 * mb["gossip-k8"]
     text = tables([setting])
     assert "| DDP |" in text and "target accuracy" in text
+    assert "glibc malloc keeping freed memory" in text
+    # runs under glibc's default allocator are another setting: a table of their own
+    both = tables([setting, {**setting, "glibc_tunables": ""}])
+    assert both.count("2 hosts at 1gbit") == 2 and "glibc malloc defaults" in both
