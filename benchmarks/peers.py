@@ -797,7 +797,7 @@ def tables(settings: list[dict[str, Any]]) -> str:
         out.append(_targets(by, hits, target, ddp_std))
         again = _targets(by, hits_c, target, ddp_std).splitlines()[2:]
         out += ["without round switches (the times of the last two columns):", *again]
-        if target is not None and len(ddp) > 1:  # the "within one std" of DDP's mean
+        if target is not None and len(accs) > 1:  # the "within one std" of DDP's mean
             low = target - ddp_std
             out.append(f"within one std of DDP's mean (time to {low:.2%}, round switches in):")
             out += _targets(by, _hits(by, low), low, ddp_std).splitlines()[2:]
@@ -852,7 +852,7 @@ def _targets(
         lines.append(
             f"(a) fastest gossipgrad setting to it: {mine}, {_secs(ours[mine])} s (final "
             f"{acc[mine]:.2%}); fastest peer: {peer}, {_secs(peers[peer])} s; ratio "
-            f"{ratio:.2f} (target <= 0.80: {'met' if ratio <= 0.8 else 'not met'})"
+            f"{ratio:.3f} (target <= 0.80: {'met' if ratio <= 0.8 else 'not met'})"
         )
     else:
         who = "no gossipgrad setting" if not ours else "no peer"
