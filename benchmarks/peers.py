@@ -455,9 +455,14 @@ def worker(args: argparse.Namespace) -> None:
                         acc = _accuracy(exported, x_test, y_test)
                     eval_s = time.perf_counter() - t
                     t = time.perf_counter()
-                    state = {"model": module.state_dict(), "optim": runner.opt.state_dict()}
-                    _save_uncached({**state, "extra": runner.extra()}, path)
-                    del state
+                    _save_uncached(
+                        {
+                            "model": module.state_dict(),
+                            "optim": runner.opt.state_dict(),
+                            "extra": runner.extra(),
+                        },
+                        path,
+                    )
                     runner.close()
                     del runner, module, exported
                     gc.collect()
