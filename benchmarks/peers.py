@@ -651,7 +651,9 @@ def _run_setting(hosts: int, rate: str, args: argparse.Namespace) -> dict[str, A
     return result
 
 
-def _key(run: dict[str, Any], setting: dict[str, Any]) -> tuple:
+def _setting_key(setting: dict[str, Any]) -> tuple:
+    """What makes two invocations the same setting; the allocator comes last
+    (``_other_allocator``)."""
     return (
         setting["hosts"],
         setting["rate"],
@@ -659,9 +661,11 @@ def _key(run: dict[str, Any], setting: dict[str, Any]) -> tuple:
         json.dumps(setting["model_options"]),
         setting["batch_per_host"],
         setting.get("glibc_tunables", ""),
-        run["contender"],
-        run["seed"],
     )
+
+
+def _key(run: dict[str, Any], setting: dict[str, Any]) -> tuple:
+    return (*_setting_key(setting), run["contender"], run["seed"])
 
 
 def merge(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -680,9 +684,7 @@ def _group(settings: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
     """Runs of the same setting from every merged invocation, by contender."""
     groups: dict[tuple, dict[str, Any]] = {}
     for s in settings:
-        key = (rate_bytes(s["rate"]), s["hosts"], s["rate"], s["epochs"],
-               json.dumps(s["model_options"]), s["batch_per_host"],
-               s.get("glibc_tunables", ""))  # fmt: skip
+        key = (rate_bytes(s["rate"]), *_setting_key(s))
         g = groups.setdefault(key, {"setting": s, "loads": [], "by": {}, "sources": []})
         g["loads"] += [x["load_average_1min"] for r in s["runs"] for x in r.get("rounds", [])]
         g["sources"].append(s.get("commit", "?")[:10] + ("+dirty" if s.get("src_dirty") else ""))
