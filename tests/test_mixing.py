@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gossipgrad import _quantize
+from gossipgrad import _quantize, mixing
 from gossipgrad.mixing import encode_, make_buckets, mix_residual_, pack_
 
 
@@ -96,3 +96,23 @@ def test_a_compressed_wire_mixes_in_its_buckets_shared_stage_exactly_as_in_a_tem
         assert mix_residual_(own_x, b.send, b.recv, 0.5, scratch=b.stage)
         assert mix_residual_(own_y, sent, b.recv, 0.5)
     assert all(torch.equal(a, b) for a, b in zip(x, y, strict=True))
+
+
+@pytest.mark.parametrize("wire", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("staged", [True, False])
+def test_a_compressed_payload_is_widened_chunk_by_chunk_to_the_same_bits(
+    wire: torch.dtype, staged: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the difference is widened a chunk at a time (fast on CPU): the last chunk is partial, and a
+    # NaN in a late chunk still stops the mix
+    monkeypatch.setattr(mixing, "_WIDEN_CHUNK", 7)
+    x = [torch.randn(30), torch.randn(4, 5)]
+    sent, received = torch.randn(50).to(wire), torch.randn(50).to(wire)
+    flat = torch.cat([t.flatten() for t in x])
+    want = flat - 0.5 * (sent.float() - received.float())
+    scratch = torch.zeros(50) if staged else None
+    assert mix_residual_(x, sent.clone(), received, 0.5, require_finite=True, scratch=scratch)
+    assert torch.equal(torch.cat([t.flatten() for t in x]), want)
+    received[45] = float("nan")
+    assert not mix_residual_(x, sent, received, 0.5, require_finite=True, scratch=scratch)
+    assert torch.equal(torch.cat([t.flatten() for t in x]), want)

@@ -224,13 +224,33 @@ def mix_residual_(
         diff = _quantize.decode(sent, n, dtype).sub_(_quantize.decode(received, n, dtype))
     elif sent.dtype == dtype:
         diff = sent.sub_(received)
-    else:  # in the parameters' dtype (scratch, or one temporary); s is widened on the fly
-        diff = received.to(dtype) if scratch is None else scratch.copy_(received)
-        torch.sub(sent, diff, out=diff)
+    else:  # in the parameters' dtype (scratch, or one temporary)
+        diff = _widened_difference(sent, received, dtype, scratch)
     if require_finite and not is_finite(diff):
         return False
     torch._foreach_add_(list(tensors), views(diff, tensors), alpha=-weight)
     return True
+
+
+# Elements widened at a time by ``_widened_difference`` (1 MiB of float32: stays in cache).
+_WIDEN_CHUNK = 1 << 18
+
+
+def _widened_difference(
+    sent: torch.Tensor, received: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None
+) -> torch.Tensor:
+    """``s - r`` in ``dtype`` for payloads of a narrower dtype, in ``out`` if given. On CPU a
+    mixed-dtype subtraction over a whole buffer runs 3-4x slower than widening ``r`` a cache-sized
+    chunk at a time and subtracting in ``dtype`` (same values, bit for bit)."""
+    diff = sent.to(dtype) if out is None else out.copy_(sent)
+    if sent.device.type != "cpu":
+        return diff.sub_(received)
+    n = diff.numel()
+    chunk = torch.empty(min(n, _WIDEN_CHUNK), dtype=dtype)
+    for i in range(0, n, _WIDEN_CHUNK):
+        j = min(n, i + _WIDEN_CHUNK)
+        diff[i:j].sub_(chunk[: j - i].copy_(received[i:j]))
+    return diff
 
 
 def delayed_weight(weight: float, delay: int) -> float:
