@@ -352,6 +352,28 @@ def test_nan_is_never_mixed_in_silently() -> None:
     ), "each rank names where the NaN came from"
 
 
+def _too_large_for_float16(rank: int, world: int) -> str:
+    model = GossipDataParallel(
+        toy_model(), sync=True, wire_dtype=torch.float16, timeout=timedelta(seconds=3)
+    )
+    x, _ = batch(rank, 0)
+    model(x).sum().backward()
+    if rank == 1:
+        with torch.no_grad():
+            model.module[0].weight[0, 0] = 1e5  # finite, but inf in float16
+    try:
+        model(x).sum().backward()
+    except NonFiniteError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_a_float16_overflow_names_the_wire_and_the_fix() -> None:
+    for message in run_world(_too_large_for_float16, 2):
+        assert "beyond float16's range (65504)" in message, message
+        assert "wire_dtype=torch.bfloat16" in message
+
+
 def _resume_state(rank: int, world: int) -> str:
     model = GossipDataParallel(toy_model(), schedule="ring")
     train_steps(model, 3, rank)

@@ -425,6 +425,11 @@ class GossipDataParallel(nn.Module, Joinable):
             f"rank {self.rank} found NaN or inf in {where} at gossip step {step}: training has "
             "diverged (lower the learning rate, add gradient clipping, or check the data)"
         )
+        if self.options.wire_dtype is torch.float16:
+            message += (
+                "; or a finite value beyond float16's range (65504) was sent as inf: "
+                "wire_dtype=torch.bfloat16 (--wire-dtype bfloat16) keeps float32's range"
+            )
         if self.options.on_nonfinite == "raise":
             raise NonFiniteError(
                 message + "; on_nonfinite='skip' would skip such exchanges",
