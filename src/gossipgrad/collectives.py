@@ -173,3 +173,32 @@ def crc(parts: Iterable[bytes]) -> int:
     for part in parts:
         crc = zlib.crc32(part + len(part).to_bytes(8, "little"), crc)
     return crc
+
+
+class DeferredAverage:
+    """The exact average at a step that ended inside a backward (a skipped optimizer step),
+    where parameters must not change: ``take`` joins the all-reduce now, as every other rank
+    does at that step; ``apply`` gives it to the replica at its next step end in residual form,
+    ``x <- x + (mean - x_then)``, keeping the update taken meanwhile."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def take(
+        self,
+        tensors: Sequence[torch.Tensor],
+        buckets: Sequence[Bucket],
+        group: dist.ProcessGroup,
+        timeout: timedelta | None,
+    ) -> None:
+        then = [t.detach().clone() for t in tensors]
+        mean = [torch.empty_like(t) for t in then]
+        average_(then, buckets, group, into=mean, timeout=timeout)
+        self._pending = list(zip(then, mean, strict=True))
+
+    @torch.no_grad()
+    def apply(self, tensors: Sequence[torch.Tensor]) -> None:
+        pending, self._pending = self._pending, []
+        for t, (then, mean) in zip(tensors, pending, strict=False):
+            if t.shape == then.shape:
+                t.add_(mean - then)

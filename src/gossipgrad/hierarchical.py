@@ -15,13 +15,13 @@ worth of bytes leaves each node, whatever the number of ranks on it::
         optimizer.step(); optimizer.zero_grad()
     model.average_replicas()                     # one all-reduce: every rank holds the mean
 
-One step is one backward outside ``no_sync()``, as for ``GossipDataParallel``: the step's first
-training forward makes the leader start its exchange (``GossipDataParallel.gossip_step``); DDP
-all-reduces the gradients inside the node during backward; at the end of backward the leader
-mixes the received replica in and the node's ranks receive the mixed parameters and floating-point
-buffers from it, before the optimizer step. With one node this is plain DDP; with one rank per
-node, plain gossip. DDP's keywords (``find_unused_parameters``, ...) go to the DDP inside the
-node.
+A step ends inside ``optimizer.step()``, as for ``GossipDataParallel`` (``gossipgrad._clock``);
+DDP all-reduces the gradients inside the node during backward, so the node's ranks take the same
+optimizer step; then the leader runs the step engine (``gossipgrad._engine``: it mixes the
+exchange due and sends its new replica, which travels during the next step), and when it mixed,
+the node's ranks receive the mixed parameters and floating-point buffers from it. With one node
+this is plain DDP; with one rank per node, plain gossip. DDP's keywords
+(``find_unused_parameters``, ...) go to the DDP inside the node.
 
 Node layout: ``ranks_per_node=k`` groups global ranks ``[0, k)``, ``[k, 2k)``, ... (to emulate
 nodes on one machine, or under a launcher other than torchrun); left out, it is read from
@@ -46,8 +46,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from gossipgrad import _setup, cadence
-from gossipgrad.collectives import average_, broadcast_, consensus_distance, gather_object
-from gossipgrad.gossip import GossipDataParallel, load_schedule_state, schedule_state
+from gossipgrad._clock import StepClock
+from gossipgrad._engine import GroupTransport, StepEngine, load_schedule_state, schedule_state
+from gossipgrad.collectives import (
+    DeferredAverage,
+    average_,
+    broadcast_,
+    consensus_distance,
+    gather_object,
+)
 from gossipgrad.mixing import constant_buffers, make_buckets, replica_tensors
 from gossipgrad.options import GossipOptions
 
@@ -60,7 +67,7 @@ class _Engines:
     holds ``module.*`` once (as DDP's does), not once per wrapper."""
 
     ddp: DistributedDataParallel | None  # gradients inside the node (None: one rank per node)
-    gossip: GossipDataParallel | None  # the leader's gossip (None: not a leader, or one node)
+    gossip: StepEngine | None  # the leader's gossip (None: not a leader, or one node)
 
 
 class HierarchicalDataParallel(nn.Module):
@@ -72,7 +79,7 @@ class HierarchicalDataParallel(nn.Module):
             layout of torchrun's environment.
         options: the options of the gossip between leaders (``GossipOptions``; keywords
             override single ones, as for ``GossipDataParallel``); ``bucket_cap_mb`` also sizes
-            DDP's buckets. Only ``mode="params"`` is supported.
+            DDP's buckets. ``mode="params"`` only, without ``tracking``.
 
     Attributes: ``nodes`` (each node's global ranks), ``node`` (this rank's node index),
     ``is_leader``, ``node_group`` and ``leaders_group`` (process groups), ``step``.
@@ -95,9 +102,10 @@ class HierarchicalDataParallel(nn.Module):
             )
         ddp_options = {k: overrides.pop(k) for k in list(overrides) if k in _setup.DDP_KEYWORDS}
         self.options = o = GossipOptions.build(options, **overrides)
-        if o.mode != "params":
+        if o.mode != "params" or o.tracking:
             raise ValueError(
-                f"HierarchicalDataParallel supports mode='params' only, got mode={o.mode!r}"
+                "HierarchicalDataParallel supports mode='params' without tracking only, got "
+                f"mode={o.mode!r}, tracking={o.tracking!r}: use GossipDataParallel for those"
             )
         self.module = module
         self.rank = dist.get_rank()
@@ -110,18 +118,18 @@ class HierarchicalDataParallel(nn.Module):
         leaders = [ranks[0] for ranks in self.nodes]
         self.leaders_group = dist.new_group(leaders)
         self.step = 0
-        self._gossip_enabled = True
-        self._open = False  # a step began (training forward) and its backward has not ended
-        self._callback_queued = False
+        self._owed = False  # a skipped step left a mix for the next step end
+        self._constants = constant_buffers(module)
+        replicas = replica_tensors(module, self._constants)
+        self._buckets = make_buckets(replicas, o.bucket_cap_bytes, at_least=torch.float32)
+        self._deferred = DeferredAverage()
 
         node_size = len(self.nodes[self.node])
         gossip = None
         if len(self.nodes) > 1:
-            if not self.is_leader:  # GossipDataParallel makes streams - 1 more leader groups
-                for _ in range(o.streams - 1):
-                    dist.new_group(leaders)
+            streams = [self.leaders_group] + [dist.new_group(leaders) for _ in range(o.streams - 1)]
             gossip = _on_leader(
-                lambda: GossipDataParallel(module, o, process_group=self.leaders_group),
+                lambda: self._leader_engine(o, streams if o.streams > 1 else None),
                 self.is_leader,
                 self.node_group,
             )
@@ -131,43 +139,66 @@ class HierarchicalDataParallel(nn.Module):
                 module, process_group=self.node_group, bucket_cap_mb=o.bucket_cap_mb, **ddp_options
             )
         self._engines = _Engines(ddp=ddp, gossip=gossip)
-        self._constants = constant_buffers(module)
-        replicas = replica_tensors(module, self._constants)
-        self._buckets = make_buckets(replicas, o.bucket_cap_bytes, at_least=torch.float32)
+        self._clock: StepClock | None = None
         if len(self.nodes) > 1:
-            for p in module.parameters():
-                if p.requires_grad:
-                    p.register_post_accumulate_grad_hook(_setup.WeakHook(self._on_grad_ready))
+            self._clock = StepClock(
+                module,
+                on_step_end=_setup.WeakHook(self._step_ended),
+                on_step_skipped=_setup.WeakHook(self._step_skipped),
+                what="HierarchicalDataParallel",
+                rank=self.rank,
+            )
+
+    def _leader_engine(
+        self, o: GossipOptions, streams: list[dist.ProcessGroup] | None
+    ) -> StepEngine:
+        """The leader's side of the gossip between nodes (broadcast from the first leader)."""
+        module, group = self.module, self.leaders_group
+        _setup.check_device(module, group)
+        _setup.check_same_model(module, group, o.timeout)
+        everything = [_real(t) for t in list(module.parameters()) + list(module.buffers())]
+        broadcast_(everything, make_buckets(everything, o.bucket_cap_bytes), group, o.timeout)
+        return StepEngine(
+            self._replicas,
+            o,
+            dist.get_rank(group),
+            dist.get_world_size(group),
+            GroupTransport(group, streams),
+        )
 
     # --- the training step -------------------------------------------------------------------
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        training = self.module.training and torch.is_grad_enabled() and self._gossip_enabled
-        if training and not self._open:
-            self.step += 1
-            if len(self.nodes) > 1:
-                self._open = True
-                if self._engines.gossip is not None:
-                    self._engines.gossip.gossip_step()  # the leader starts this step's exchange
         compute = self._engines.ddp or self.module
         return compute(*args, **kwargs)
 
-    def _on_grad_ready(self, _param: torch.Tensor) -> None:
-        if self._open and not self._callback_queued:
-            self._callback_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
-
-    def _end_of_backward(self) -> None:
-        self._callback_queued = False
-        if not self._open:
-            return
-        self._open = False
-        o, t = self.options, self.step - 1
-        if self._engines.gossip is not None:
-            self._engines.gossip.end_step()
+    def _step_ended(self) -> None:
+        """Inside ``optimizer.step()``: the leader mixes what is due and the node's ranks take
+        its replica; the exact average when due; the leader's next exchange leaves."""
+        o, t, gossip = self.options, self.step, self._engines.gossip
         mixed = cadence.mixed_exchange(t, o.gossip_every, o.max_staleness) is not None
-        if mixed or cadence.average_due(t, o.average_every):
+        if gossip is not None:
+            gossip.finish_step()
+        self._deferred.apply(self._replicas())
+        if mixed or self._owed:
             self._share()
+        self._owed = False
+        if cadence.average_due(t, o.average_every):
+            self.average_replicas()
+        self.step += 1
+        if gossip is not None:
+            gossip.begin_next_step()
+
+    def _step_skipped(self) -> None:
+        """The node's step ended without an optimizer step (inside a backward: nothing may
+        change now); what was due is mixed and shared at the next step end."""
+        o, t, gossip = self.options, self.step, self._engines.gossip
+        self._owed |= cadence.mixed_exchange(t, o.gossip_every, o.max_staleness) is not None
+        if cadence.average_due(t, o.average_every):
+            self._deferred.take(self._replicas(), self._buckets, dist.group.WORLD, o.timeout)
+        self.step += 1
+        if gossip is not None:
+            gossip.skip_step()
 
     def _share(self) -> None:
         """Give the node's ranks the leader's parameters and floating-point buffers."""
@@ -181,6 +212,7 @@ class HierarchicalDataParallel(nn.Module):
             return
         if self._engines.gossip is not None:
             self._engines.gossip.flush()
+        self._deferred.apply(self._replicas())
         self._share()
 
     @property
@@ -209,14 +241,19 @@ class HierarchicalDataParallel(nn.Module):
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
-        """Forwards inside neither gossip nor all-reduce gradients (gradient accumulation)."""
-        previous, self._gossip_enabled = self._gossip_enabled, False
+        """Backwards inside neither all-reduce gradients nor count as the step's own (gradient
+        accumulation); the step still ends at the optimizer's step."""
+        clock = self._clock
+        previous = clock.synced if clock is not None else True
+        if clock is not None:
+            clock.synced = False
         ddp = self._engines.ddp
         try:
             with ddp.no_sync() if ddp is not None else contextlib.nullcontext():
                 yield
         finally:
-            self._gossip_enabled = previous
+            if clock is not None:
+                clock.synced = previous
 
     def _replicas(self) -> list[torch.Tensor]:
         return replica_tensors(self.module, self._constants)
@@ -229,7 +266,27 @@ class HierarchicalDataParallel(nn.Module):
     def load_gossip_state(self, state: dict[str, Any]) -> None:
         self.step = load_schedule_state(state, self.options)
         if self._engines.gossip is not None:
-            self._engines.gossip.load_gossip_state(state)
+            self._engines.gossip.load_state(state)
+
+    def close(self) -> None:
+        """Complete the exchange in flight and remove every hook (collective): ``module`` is a
+        plain module again."""
+        if self._clock is None and self._engines.ddp is None:
+            return
+        self.flush()
+        if self._clock is not None:
+            self._clock.close()
+            self._clock = None
+        if self._engines.gossip is not None:
+            self._engines.gossip.close()
+        self._engines = _Engines(ddp=None, gossip=None)
+
+    def __enter__(self) -> HierarchicalDataParallel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.close()
 
 
 def _layout(ranks_per_node: int | None, world: int) -> list[list[int]]:
@@ -282,8 +339,8 @@ def _nodes_from_env(env: list[tuple[int, int, int]]) -> list[list[int]]:
 
 
 def _on_leader(
-    build: Callable[[], GossipDataParallel], is_leader: bool, node_group: dist.ProcessGroup
-) -> GossipDataParallel | None:
+    build: Callable[[], StepEngine], is_leader: bool, node_group: dist.ProcessGroup
+) -> StepEngine | None:
     """``build()`` on the node's leader; if it raises, raise it on the node's other ranks too
     (they would otherwise wait for the leader forever)."""
     engine, error = None, None
@@ -299,3 +356,7 @@ def _on_leader(
     if error is not None:
         raise error
     return engine
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t

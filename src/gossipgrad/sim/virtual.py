@@ -7,16 +7,18 @@
     cluster.average_replicas()                  # every replica = the exact mean, as runs end
 
 For studying convergence against ``p`` (up to 64 with a small model), schedule, staleness and data
-shuffle without ``p`` processes. Partners come from ``gossipgrad.schedule.plan`` and replicas are
-packed and mixed with ``gossipgrad.mixing`` (``make_buckets``, ``pack_``, ``mix_``,
-``mix_residual_``), in the order ``GossipDataParallel`` uses; a message is a copy of the partner's
-send buffer into this replica's receive buffer. Step ``t``, with ``w`` the plan's weight:
+shuffle without ``p`` processes. The step's logic is the engine's own
+(``gossipgrad._engine``): partners from ``gossipgrad.schedule.plan``, buffers and mixing from
+``gossipgrad.mixing``; a message is a copy of the partner's send buffer into this replica's
+receive buffer. Step ``t``, with ``w`` the plan's weight:
 
 - ``algo="gossip", mode="params"`` (``sync`` or overlapped: the same arithmetic, only the timing
-  differs in the engine): before the forward, every replica snapshots its parameters and float
-  buffers ``s`` (the result of step ``t-1``) and "sends" it; forward and backward run; then the
-  source's snapshot ``r`` is mixed in residual form ``x <- x + w (r - s)`` (which keeps what the
-  forward changed in the buffers), and the optimizer step follows: ``x' = W x - lr g(x)``.
+  differs in the engine): each replica has its own ``gossipgrad._engine.StepEngine``, driven as
+  ``GossipDataParallel`` drives it. At the end of step ``t-1`` every replica snapshotted its
+  parameters and float buffers ``s`` and "sent" them; forward, backward and the optimizer step
+  run; then the source's snapshot ``r`` is mixed in residual form ``x <- x + w (r - s)`` (which
+  keeps the optimizer's step and what the forward changed in the buffers): ``x' = W x - lr
+  g(x)``; then the new snapshot is sent.
 - ``algo="gossip", mode="gradients"``: after backward, ``g <- (1 - w) g + w g_r`` with the
   source's gradients, then the optimizer step. Buffers stay local.
 - ``algo="allreduce"``: gradients are averaged over all replicas before the optimizer step, and
@@ -31,29 +33,20 @@ of its shard's ids to its gossip partner every epoch. The shards are planned by
 from __future__ import annotations
 
 import copy
+import functools
 import math
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from gossipgrad import cadence
+from gossipgrad._engine import StepEngine
 from gossipgrad._shuffle_plan import label_skew_shards, simulate, strided_shard
-from gossipgrad.mixing import (
-    Bucket,
-    delayed_weight,
-    encode_,
-    grads_of,
-    make_buckets,
-    mix_,
-    mix_residual_,
-    replica_tensors,
-    track_,
-    tracked_parameters,
-)
+from gossipgrad.mixing import replica_tensors, tracked_parameters
 from gossipgrad.options import GossipOptions
 from gossipgrad.schedule import Exchange, plan
 
@@ -71,7 +64,7 @@ class VirtualCluster:
     overrides) are the engine's ``GossipOptions``: ``mode``, ``sync``, ``schedule``, ``seed`` and
     ``bucket_cap_mb`` act as in ``gossipgrad.wrap`` (see the module docstring); the options of
     the wire (timeout, streams, on_nonfinite) do not apply; ``wire_dtype`` rounds the payloads
-    as the engine does. ``replicas[i]`` plays rank ``i``."""
+    as the engine does. ``replicas[i]`` plays rank ``i``; ``engines[i]`` is its step engine."""
 
     def __init__(
         self,
@@ -93,20 +86,28 @@ class VirtualCluster:
         self.step = 0
         self.replicas = [copy.deepcopy(module) for _ in range(world_size)]
         self.optimizers = [make_optimizer(r.parameters()) for r in self.replicas]
-        # gradient tracking (as GossipDataParallel): per replica, its trackers and last gradients
-        tracking = o.tracking and world_size > 1
-        tracked = [tracked_parameters(r) for r in self.replicas] if tracking else []
-        self._trackers = [[torch.zeros_like(p) for p in ps] for ps in tracked]
-        self._last_grads = [[torch.zeros_like(p) for p in ps] for ps in tracked]
-        cap = o.bucket_cap_bytes
-        # exchange j uses slot j % buffers_in_flight, as in the engine: every slot made now
-        self._pool: list[list[list[Bucket]]] = [
-            [make_buckets(self._mixed(i), cap, o.wire_dtype) for i in range(world_size)]
-            for _ in range(cadence.buffers_in_flight(o.gossip_every, o.max_staleness))
+        # one engine per replica, as each rank has; messages are copies between them. Waiting
+        # early (sync) changes no arithmetic, and a replica here cannot wait for one that has
+        # not sent yet, so the engines overlap.
+        mailbox: dict[tuple[int, int, int], torch.Tensor] = {}
+        engine_options = replace(o, sync=False)
+        self.engines = [
+            StepEngine(
+                functools.partial(self._mixed, i),
+                engine_options,
+                i,
+                world_size,
+                _MemoryTransport(mailbox, i),
+                tracked=tracked_parameters(r),
+                touch=False,
+            )
+            for i, r in enumerate(self.replicas)
         ]
-        self._buckets = self._pool[0]
-        # overlapped: the exchanges in flight (index, plans, buffers), oldest first
-        self._pending: deque[tuple[int, list[Exchange], list[list[Bucket]]]] = deque()
+
+    @property
+    def _trackers(self) -> list[list[torch.Tensor]]:
+        """Each replica's gradient trackers (empty without tracking)."""
+        return [e._trackers for e in self.engines if e._trackers]
 
     # --- the training step -------------------------------------------------------------------
 
@@ -118,113 +119,57 @@ class VirtualCluster:
                 f"train_step got {len(batches)} batches for {self.world_size} replicas: "
                 "give one (input, target) pair per replica"
             )
-        o = self.options
-        if self._gossips_params and cadence.exchange_starts(self.step, o.gossip_every):
-            self._start_params()
-        elif self.algo == "allreduce":
+        if self.algo == "allreduce":
             self._broadcast_buffers()
         losses = []
-        for replica, (x, y) in zip(self.replicas, batches, strict=True):
+        for replica, engine, (x, y) in zip(self.replicas, self.engines, batches, strict=True):
             loss = loss_fn(replica(x), y)
             loss.backward()
             losses.append(loss.item())
-        due = cadence.mixed_exchange(self.step, o.gossip_every, o.max_staleness)
-        while due is not None and self._pending and self._pending[0][0] <= due:
-            self._finish()  # the end of backward: mix what was received
-        for replica, trackers, last in zip(
-            self.replicas, self._trackers, self._last_grads, strict=False
-        ):
-            track_(grads_of(tracked_parameters(replica)), trackers, last)
-        if self.algo == "gossip" and cadence.average_due(self.step, o.average_every):
-            self.average_replicas()
+            for p in engine._tracked:  # what the engine's backward hooks do
+                engine.offset_gradient(p)
         if self.algo == "allreduce":
             self._average_grads()
         elif self.mode == "gradients":
-            self._gossip_grads()
-        for opt in self.optimizers:
+            started = [e.start_gradients() for e in self.engines]
+            for e, s in zip(self.engines, started, strict=True):
+                e.finish_gradients(s)
+        # each replica's optimizer step, and the end of its step as the engine's hook runs it
+        for opt, engine in zip(self.optimizers, self.engines, strict=True):
             opt.step()
+            if self._gossips:
+                engine.finish_step()
+        if self._gossips and self.engines[0].average_due():
+            self.average_replicas()
+        for opt, engine in zip(self.optimizers, self.engines, strict=True):
+            engine.begin_next_step()
             opt.zero_grad()
         self.step += 1
         return losses
 
     def gossip(self) -> None:
-        """One gossip step with no local computation (params mode only): what a training step
-        does to the replicas when the optimizer does not move them."""
-        if not self._gossips_params:
+        """One exchange, mixed at once, with no local computation (params mode only): what a
+        training step does to the replicas when the optimizer does not move them."""
+        if not (self._gossips and self.mode == "params"):
             raise ValueError(
                 "gossip() mixes parameters, so it needs algo='gossip' and mode='params'; "
                 f"this cluster has algo={self.algo!r}, mode={self.mode!r}"
             )
-        self._start_params()
+        for e in self.engines:
+            e.start_exchange(self.step)
         self.flush()
         self.step += 1
+        for e in self.engines:
+            e.step += 1
 
     def flush(self) -> None:
-        """Mix in the exchange in flight, like ``GossipDataParallel`` at the end of backward."""
-        while self._pending:
-            self._finish()
-
-    # --- mixing, in GossipDataParallel's order -------------------------------------------------
+        """Mix in the exchanges in flight, as ``GossipDataParallel.flush``."""
+        for e in self.engines:
+            e.flush()
 
     @property
-    def _gossips_params(self) -> bool:
-        return self.algo == "gossip" and self.mode == "params"
-
-    def _start_params(self) -> None:
-        o = self.options
-        index = cadence.exchange_index(self.step, o.gossip_every)
-        slot = cadence.buffer_slot(index, o.gossip_every, o.max_staleness)
-        tensors = [self._mixed(i) for i in range(self.world_size)]
-        plans = self._exchange(tensors, index, self._pool[slot])
-        self._pending.append((index, plans, self._pool[slot]))
-
-    def _finish(self) -> None:
-        _, plans, pool = self._pending.popleft()
-        delay = self.options.max_staleness
-        for i, (buckets, ex) in enumerate(zip(pool, plans, strict=True)):
-            if ex.recv_from is None:
-                continue
-            tensors, weight = self._mixed(i), delayed_weight(ex.weight, delay)
-            for b in buckets:
-                own = [tensors[i] for i in b.indices]
-                mix_residual_(own, b.send, b.recv, weight, scratch=b.stage)
-
-    def _gossip_grads(self) -> None:
-        params = [list(r.parameters()) for r in self.replicas]
-        grads = [[_grad(p) for p in ps] for ps in params]
-        plans = self._exchange(grads, self.step)
-        for buckets, gs, ex in zip(self._buckets, grads, plans, strict=True):
-            if ex.recv_from is not None:
-                for b in buckets:
-                    mix_([gs[i] for i in b.indices], b.recv, ex.weight)
-        for ps, gs in zip(params, grads, strict=True):
-            for p, g in zip(ps, gs, strict=True):
-                if p.grad is None and p.requires_grad:
-                    p.grad = g
-
-    def _exchange(
-        self,
-        tensors: list[list[torch.Tensor]],
-        index: int,
-        pool: list[list[Bucket]] | None = None,
-    ) -> list[Exchange]:
-        """Pack every replica's ``tensors`` into its send buffers (``pool[i]``, default the first
-        slot) and deliver each message: the receive buffers of replica ``i`` get the send
-        buffers of ``plan(i, step).recv_from``."""
-        pool = self._buckets if pool is None else pool
-        plans = [
-            plan(i, index, self.world_size, self.seed, self.schedule)
-            for i in range(self.world_size)
-        ]
-        for own, buckets in zip(tensors, pool, strict=True):
-            for b in buckets:
-                encode_(b, [own[i] for i in b.indices])
-        for i, ex in enumerate(plans):
-            _check_pairing(i, ex, plans, self.step)
-            if ex.recv_from is not None:
-                for mine, theirs in zip(pool[i], pool[ex.recv_from], strict=True):
-                    mine.recv.copy_(theirs.send)
-        return plans
+    def _gossips(self) -> bool:
+        return self.algo == "gossip"
 
     @torch.no_grad()
     def _average_grads(self) -> None:
@@ -242,11 +187,11 @@ class VirtualCluster:
             torch._foreach_copy_(list(replica.buffers()), first)
 
     def _mixed(self, i: int) -> list[torch.Tensor]:
-        """What replica ``i`` exchanges, as ``GossipDataParallel._mixed_tensors``."""
+        """What replica ``i`` exchanges, as ``GossipDataParallel._mixed``."""
         replica = self.replicas[i]
-        if self.mode == "gradients" or self.algo == "allreduce":
-            return list(replica.parameters())
-        return replica_tensors(replica) + (self._trackers[i] if self._trackers else [])
+        if self.mode == "gradients":
+            return [p for p in replica.parameters() if p.is_floating_point()]
+        return replica_tensors(replica)
 
     # --- replicas ------------------------------------------------------------------------------
 
@@ -332,13 +277,49 @@ def _grad(p: torch.Tensor) -> torch.Tensor:
     return p.grad if p.grad is not None else torch.zeros_like(p)
 
 
-def _check_pairing(rank: int, ex: Exchange, plans: list[Exchange], step: int) -> None:
-    """Every message has one sender and one receiver that agree (the schedule's contract)."""
-    bad = (ex.send_to is not None and plans[ex.send_to].recv_from != rank) or (
-        ex.recv_from is not None and plans[ex.recv_from].send_to != rank
-    )
-    if bad:
-        raise RuntimeError(
-            f"schedule inconsistency at step {step}: rank {rank} sends to {ex.send_to} and "
-            f"receives from {ex.recv_from}, but those ranks do not match it"
-        )
+class _MemoryTransport:
+    """Messages between the replicas of one process: a send is a copy put in the shared
+    mailbox, a receive takes it out (the schedule's contract: every message has one sender and
+    one receiver that agree)."""
+
+    def __init__(self, mailbox: dict[tuple[int, int, int], torch.Tensor], rank: int) -> None:
+        self.mailbox, self.rank = mailbox, rank
+
+    def start(
+        self,
+        sends: list[torch.Tensor],
+        recvs: list[torch.Tensor],
+        ex: Exchange,
+        index: int,
+        where: str,
+        first: int,
+        salt: int,
+    ) -> _MemoryWire:
+        if ex.send_to is not None:
+            for k, s in enumerate(sends):
+                self.mailbox[(index, self.rank, first + k)] = s.clone()
+        return _MemoryWire(self.mailbox, recvs, ex.recv_from, (index, first), where)
+
+
+class _MemoryWire:
+    def __init__(
+        self,
+        mailbox: dict[tuple[int, int, int], torch.Tensor],
+        recvs: list[torch.Tensor],
+        source: int | None,
+        at: tuple[int, int],
+        where: str,
+    ) -> None:
+        self.mailbox, self.recvs, self.source, self.at = mailbox, recvs, source, at
+        self.where = where
+
+    def wait(self, timeout: timedelta, rank: int) -> None:
+        index, first = self.at
+        for k, r in enumerate(self.recvs if self.source is not None else []):
+            sent = self.mailbox.pop((index, self.source, first + k), None)
+            if sent is None:
+                raise RuntimeError(
+                    f"schedule inconsistency at {self.where}: replica {rank} receives from "
+                    f"{self.source}, which sent it nothing"
+                )
+            r.copy_(sent)

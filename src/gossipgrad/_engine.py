@@ -1,0 +1,496 @@
+"""The step engine: what a gossip step does to one replica, written once for every wrapper.
+
+``GossipDataParallel``, ``HierarchicalDataParallel`` (on each node's leader) and the virtual
+cluster (``gossipgrad.sim.virtual``, one engine per replica) all drive a ``StepEngine``; none of
+them re-derives the cadence. The engine owns the exchange cadence (``gossipgrad.cadence``), the
+flat buffers, the exchanges in flight, mixing, gradient tracking and bounded staleness. It never
+decides *when* a step ends: its owner calls it at the step's end, which for the wrappers is the
+end of ``optimizer.step()`` (``gossipgrad._clock``), so parameters change only inside the
+optimizer's step, as in a single-process loop and under DDP.
+
+At the end of step ``t`` (``finish_step``, then the owner's exact average if ``average_due``,
+then ``begin_next_step``):
+
+1. gradient tracking, if on: ``y <- g_used`` (the tracked gradient the optimizer just used) and
+   ``g_last <- g_used - (y - g_last)`` (the raw gradient);
+2. the exchanges due at ``t`` are waited for and mixed in residual form ``x <- x + w (r - s)``
+   (``gossipgrad.mixing``): ``s`` is the snapshot this rank sent, ``r`` the partner's, and the
+   optimizer's step taken since the snapshot is kept;
+3. step ``t + 1`` begins: if it sends (``cadence.exchange_starts``), the replica (the optimizer's
+   result, mixed) is packed and put on the wire, to travel while step ``t + 1`` computes.
+
+A step that ends without an optimizer step (``skip_step``: a ``GradScaler`` that found inf on
+this rank only) keeps the schedule, as its partners expect: it begins the next step's exchange
+but mixes nothing (its parameters must not change outside the optimizer); what was due is mixed
+at the next ``finish_step``. Every exchange is mixed exactly once, so the replicas' mean is kept.
+
+Messages go through a ``Transport``: ``GroupTransport`` (torch.distributed point-to-point, gloo
+or NCCL) or the virtual cluster's in-memory one.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+import zlib
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from gossipgrad import _p2p, cadence
+from gossipgrad.errors import NonFiniteError, PeerError
+from gossipgrad.mixing import (
+    Bucket,
+    delayed_weight,
+    encode_,
+    is_finite,
+    make_buckets,
+    mix_,
+    mix_residual_,
+    pack_,
+)
+from gossipgrad.options import GossipOptions
+from gossipgrad.schedule import Exchange, plan
+
+Layout = tuple[tuple[tuple[int, ...], torch.dtype, torch.device], ...]
+
+
+class Wire(Protocol):
+    """One exchange's messages in flight."""
+
+    def wait(self, timeout: timedelta, rank: int) -> None: ...
+
+
+class Transport(Protocol):
+    """Puts one exchange's buffers on the wire: ``sends`` to ``send_to`` and ``recvs`` from
+    ``recv_from`` (``None``: no message), as exchange ``index`` of the schedule. ``salt``
+    (< 128) differs between replica layouts, so that the messages of partners whose models
+    differ never match each other."""
+
+    def start(
+        self,
+        sends: list[torch.Tensor],
+        recvs: list[torch.Tensor],
+        ex: Exchange,
+        index: int,
+        where: str,
+        first: int,
+        salt: int,
+    ) -> Wire: ...
+
+
+class GroupTransport:
+    """Point-to-point over a torch.distributed group (``streams``: extra groups over the same
+    ranks, one TCP stream each on gloo)."""
+
+    def __init__(
+        self, group: dist.ProcessGroup, streams: list[dist.ProcessGroup] | None = None
+    ) -> None:
+        self.group, self.streams = group, streams
+
+    def start(
+        self,
+        sends: list[torch.Tensor],
+        recvs: list[torch.Tensor],
+        ex: Exchange,
+        index: int,
+        where: str,
+        first: int,
+        salt: int,
+    ) -> Wire:
+        inflight = _p2p.start(
+            sends,
+            recvs,
+            ex.send_to,
+            ex.recv_from,
+            index,
+            self.group,
+            streams=self.streams,
+            index=first,
+            salt=salt,
+            where=where,
+        )
+        return _GroupWire(inflight)
+
+
+class _GroupWire:
+    """A wire whose failure also names the first rank lost in the job (see ``_first_loss``)."""
+
+    def __init__(self, inflight: _p2p.InFlight) -> None:
+        self.inflight = inflight
+
+    def wait(self, timeout: timedelta, rank: int) -> None:
+        try:
+            self.inflight.wait(timeout, rank)
+        except PeerError as exc:
+            raise PeerError(_first_loss(exc, rank, self.inflight.label), exc.peer) from exc
+
+
+def _first_loss(exc: PeerError, rank: int, where: str) -> str:
+    """Record in the job's store that this rank lost ``exc.peer`` (unless a loss was already
+    recorded), and add the first recorded loss to the message: when one rank dies, the ranks
+    that fail after it, in cascade, still name the rank that was lost first. The store's
+    timeout is shortened for this call only (the store may be gone with the job)."""
+    mine = f"{exc.peer}|{rank}|{where}"
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        previous = store.timeout
+        store.set_timeout(timedelta(seconds=5))
+        try:
+            first = store.compare_set("gossipgrad/first_loss", "", mine).decode()
+        finally:
+            store.set_timeout(previous)
+    except Exception:  # noqa: BLE001 - the store may be gone with the job; the message stands
+        return str(exc)
+    lost, seen_by, at = first.split("|") if first.count("|") == 2 else (exc.peer, rank, where)
+    return f"{exc} [first loss in this job: rank {lost}, seen by rank {seen_by} at {at}]"
+
+
+@dataclass
+class _Pending:
+    """An exchange in flight: its index in the schedule, one wire per bucket, its plan, the
+    buffers it uses and the layout they were packed from."""
+
+    index: int
+    wires: list[Wire]
+    ex: Exchange
+    buckets: list[Bucket]
+    layout: Layout
+
+
+class StepEngine:
+    """One replica's side of gossip (see the module docstring).
+
+    Args:
+        tensors: returns what the replica mixes, read afresh at each use (parameters and float
+            buffers, less constants), so that tensors created, replaced or resized after
+            wrapping are followed.
+        options: the engine's options.
+        rank, world_size: this replica's rank in the gossip group, and the group's size.
+        transport: how messages travel.
+        tracked: the parameters gradient tracking follows (``options.tracking``).
+        touch: fill the buffers when they are made (one page fault per page now, not in a step).
+    """
+
+    def __init__(
+        self,
+        tensors: Callable[[], list[torch.Tensor]],
+        options: GossipOptions,
+        rank: int,
+        world_size: int,
+        transport: Transport,
+        *,
+        tracked: Sequence[torch.Tensor] = (),
+        touch: bool = True,
+    ) -> None:
+        self.options = o = options
+        self.rank, self.world_size = rank, world_size
+        self.transport = transport
+        self.step = 0  # steps ended so far: the step now computing
+        self.bytes_sent_last_step = 0
+        self.wait_time_s = 0.0  # seconds spent blocked on partners' messages, in total
+        self._tensors = tensors
+        self._touch = touch and world_size > 1
+        self._pending: deque[_Pending] = deque()
+        self._due = -1  # the newest exchange whose mix is due (mixed at the next finish_step)
+        self._grad_exchanges = 0  # gradients mode: exchanges made
+        # gradient tracking: per tracked parameter, its tracker y and its last raw gradient
+        tracking = o.tracking and world_size > 1 and o.mode == "params"
+        self._tracked = list(tracked) if tracking else []
+        self._trackers = [torch.zeros_like(p) for p in self._tracked]
+        self._last_grads = [torch.zeros_like(p) for p in self._tracked]
+        self._offset: dict[int, int] = {}  # id(param) -> its index, offset added this step
+        self._index = {id(p): i for i, p in enumerate(self._tracked)}
+        self._layout: Layout = ()
+        self._free: list[list[Bucket]] = []
+        self._rebuild(self.mixed_tensors())
+
+    # --- what is mixed -----------------------------------------------------------------------
+
+    def mixed_tensors(self) -> list[torch.Tensor]:
+        """The replica's tensors (gradients mode: the parameters whose gradients are averaged)
+        and, with tracking, the trackers."""
+        return self._tensors() + self._trackers
+
+    def _rebuild(self, tensors: list[torch.Tensor]) -> None:
+        """Buffers for ``tensors``: every pair the exchanges in flight can need at once
+        (``cadence.buffers_in_flight``), made now."""
+        o = self.options
+        self._layout = _layout_of(tensors)
+        slots = cadence.buffers_in_flight(o.gossip_every, o.max_staleness)
+        wire = o.wire_dtype if o.mode == "params" else None
+        cap = o.bucket_cap_bytes
+        self._free = [make_buckets(tensors, cap, wire, zeroed=self._touch) for _ in range(slots)]
+        self._salt = zlib.crc32(repr(self._layout).encode()) % 128
+
+    @property
+    def buckets(self) -> list[Bucket]:
+        """One set of buffers (their sizes are every exchange's)."""
+        return self._free[0] if self._free else self._pending[0].buckets
+
+    # --- a step's end ------------------------------------------------------------------------
+
+    def finish_step(self) -> None:
+        """The end of step ``step``, inside the optimizer's step: track, then mix what is due."""
+        o = self.options
+        if o.mode == "gradients":
+            return
+        self._track()
+        due = cadence.mixed_exchange(self.step, o.gossip_every, o.max_staleness)
+        if due is not None:
+            self._due = max(self._due, due)
+        while self._pending and self._pending[0].index <= self._due:
+            self._mix(self._pending.popleft())
+
+    def average_due(self) -> bool:
+        """Whether the step ending now is followed by the exact average (Gossip-PGA)."""
+        return self.options.mode == "params" and cadence.average_due(
+            self.step, self.options.average_every
+        )
+
+    def begin_next_step(self) -> None:
+        """Step ``step + 1`` begins: start its exchange if it sends one."""
+        self.step += 1
+        self.bytes_sent_last_step = 0
+        self._offset.clear()
+        o = self.options
+        sends = o.mode == "params" and self.world_size > 1
+        if sends and cadence.exchange_starts(self.step, o.gossip_every):
+            self._start(cadence.exchange_index(self.step, o.gossip_every))
+
+    def skip_step(self) -> None:
+        """Step ``step`` ended without an optimizer step (its gradients were discarded): keep
+        the schedule without changing the replica; what was due is mixed at the next
+        ``finish_step``."""
+        o = self.options
+        due = cadence.mixed_exchange(self.step, o.gossip_every, o.max_staleness)
+        if due is not None:
+            self._due = max(self._due, due)
+        self.begin_next_step()
+
+    def flush(self) -> None:
+        """Wait for every exchange in flight and mix it in now."""
+        while self._pending:
+            self._mix(self._pending.popleft())
+
+    def close(self) -> None:
+        """Complete every exchange in flight and free the buffers and trackers."""
+        self.flush()
+        self._free, self._layout = [], ()
+        self._tracked, self._trackers, self._last_grads = [], [], []
+        self._index, self._offset = {}, {}
+
+    # --- params mode: exchanges ----------------------------------------------------------------
+
+    def _start(self, index: int) -> None:
+        tensors = self.mixed_tensors()
+        if _layout_of(tensors) != self._layout:
+            self._relayout(tensors)
+        buckets = self._free.pop() if self._free else self._new_buckets(tensors)
+        ex = self.plan(index)
+        where = f"exchange {index} (step {self.step})"
+        wires = []
+        for i, b in enumerate(buckets):  # bucket 0 is on the wire while 1 is packed
+            encode_(b, [tensors[j] for j in b.indices])
+            wires.append(self.transport.start([b.send], [b.recv], ex, index, where, i, self._salt))
+        if ex.send_to is not None:
+            self.bytes_sent_last_step = sum(b.nbytes for b in buckets)
+        self._pending.append(_Pending(index, wires, ex, buckets, self._layout))
+        if self.options.sync:
+            for wire in wires:
+                self._wait(wire)
+
+    def _new_buckets(self, tensors: list[torch.Tensor]) -> list[Bucket]:
+        """More buffers than cadence plans for: a skipped step left an exchange unmixed."""
+        o = self.options
+        return make_buckets(tensors, o.bucket_cap_bytes, o.wire_dtype)
+
+    def _relayout(self, tensors: list[torch.Tensor]) -> None:
+        """The replica's tensors changed (a buffer created, replaced by another shape, or
+        resized after wrapping): the exchanges in flight were packed from the old shapes and
+        cannot be mixed, so they complete unmixed (every rank makes the same change at the same
+        step, so every pair skips its mix and the mean is kept) and new buffers are made."""
+        while self._pending:
+            pending = self._pending.popleft()
+            for wire in pending.wires:
+                self._wait(wire)
+        self._rebuild(tensors)
+
+    def _mix(self, pending: _Pending) -> None:
+        ex = pending.ex
+        tensors = self.mixed_tensors()
+        same = _layout_of(tensors) == pending.layout
+        weight = delayed_weight(ex.weight, self.options.max_staleness)
+        for b, wire in zip(pending.buckets, pending.wires, strict=True):
+            self._wait(wire)
+            if ex.recv_from is None or not same:
+                continue
+            own = [tensors[i] for i in b.indices]
+            if not mix_residual_(own, b.send, b.recv, weight, require_finite=True, scratch=b.stage):
+                what = "local" if is_finite(b.recv) else "received"  # which one is not finite
+                self._nonfinite(what, ex.recv_from, pending.index)
+        if same:  # else the buffers go: the next exchange makes new ones (``_relayout``)
+            self._free.append(pending.buckets)
+
+    def _wait(self, wire: Wire) -> None:
+        began = time.perf_counter()
+        try:
+            wire.wait(self.options.timeout, self.rank)
+        finally:
+            self.wait_time_s += time.perf_counter() - began
+
+    def plan(self, index: int) -> Exchange:
+        o = self.options
+        return plan(self.rank, index, self.world_size, o.seed, o.schedule)
+
+    # --- gradient tracking --------------------------------------------------------------------
+
+    @torch.no_grad()
+    def offset_gradient(self, param: torch.Tensor) -> None:
+        """Called when ``param``'s gradient has accumulated (a backward hook): the first time in
+        a step, add ``y - g_last``, so that the optimizer steps along the tracked direction
+        ``y + g - g_last`` (gradient accumulation is additive, so the offset may be added at any
+        backward of the step). A parameter without a gradient this step gets none."""
+        i = self._index.get(id(param))
+        if i is None or id(param) in self._offset or param.grad is None:
+            return
+        self._offset[id(param)] = i
+        param.grad.add_(self._trackers[i]).sub_(self._last_grads[i])
+
+    @torch.no_grad()
+    def _track(self) -> None:
+        """``y <- g_used`` and ``g_last <- g_used - (y - g_last)`` for the parameters whose
+        gradient was offset this step (the others keep their tracker)."""
+        for pid, i in self._offset.items():
+            p = self._tracked[i]
+            if p.grad is None or id(p) != pid:
+                continue
+            y, last = self._trackers[i], self._last_grads[i]
+            last.sub_(y).add_(p.grad)  # g_last <- g_used - y + g_last
+            y.copy_(p.grad)
+
+    # --- gradients mode -----------------------------------------------------------------------
+
+    def start_gradients(self, *, zeros: bool = False) -> tuple[Exchange, list[Wire]]:
+        """Gradients mode, at the end of a backward: send this rank's gradients (``zeros``: a
+        rank that has joined) and receive its partner's."""
+        tensors = self.mixed_tensors()
+        if _layout_of(tensors) != self._layout:
+            self._rebuild(tensors)
+        index = self._grad_exchanges
+        self._grad_exchanges += 1
+        ex = self.plan(index)
+        where = f"gradient exchange {index} (step {self.step})"
+        wires = []
+        for i, b in enumerate(self.buckets):
+            pack_(b.send, [_grad(tensors[j], zeros) for j in b.indices])
+            wires.append(self.transport.start([b.send], [b.recv], ex, index, where, i, self._salt))
+        self.bytes_sent_last_step = sum(b.nbytes for b in self.buckets) if ex.send_to else 0
+        return ex, wires
+
+    @torch.no_grad()
+    def finish_gradients(
+        self, started: tuple[Exchange, list[Wire]], *, zeros: bool = False
+    ) -> None:
+        """Average this rank's gradients with the partner's: ``g <- (1 - w) g + w g_r``."""
+        ex, wires = started
+        for wire in wires:
+            self._wait(wire)
+        if ex.recv_from is None or zeros:
+            return
+        tensors = self.mixed_tensors()
+        for t in tensors:
+            if t.grad is None and t.requires_grad:
+                t.grad = torch.zeros_like(t)
+        for b in self.buckets:
+            if not is_finite(b.recv):
+                self._nonfinite("received", ex.recv_from, self._grad_exchanges - 1)
+                continue
+            offset = 0
+            for i in b.indices:  # a parameter without a gradient (frozen) takes none
+                n, grad = tensors[i].numel(), tensors[i].grad
+                if grad is not None:
+                    mix_([grad], b.recv[offset : offset + n], ex.weight)
+                offset += n
+
+    # --- state ----------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint needs to resume exactly (after ``flush``): the step and what the
+        schedule depends on, and with tracking, the trackers and last gradients."""
+        out = schedule_state(self.step, self.options)
+        if self._trackers:
+            out["trackers"] = [t.detach().cpu().clone() for t in self._trackers]
+            out["last_grads"] = [t.detach().cpu().clone() for t in self._last_grads]
+        return out
+
+    @torch.no_grad()
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.step = load_schedule_state(state, self.options)
+        for name, mine in (("trackers", self._trackers), ("last_grads", self._last_grads)):
+            saved = state.get(name)
+            if saved is not None and mine:
+                if len(saved) != len(mine):
+                    raise ValueError(
+                        f"checkpoint holds {len(saved)} gradient trackers but this model tracks "
+                        f"{len(mine)} parameters: resume the same model with tracking on"
+                    )
+                moved = [t.to(m.device) for t, m in zip(saved, mine, strict=True)]
+                torch._foreach_copy_(mine, moved)
+
+    # --- errors ----------------------------------------------------------------------------------
+
+    def _nonfinite(self, what: str, source: int, index: int) -> None:
+        """Raise ``NonFiniteError``, or warn (``on_nonfinite="skip"``: the caller skips)."""
+        where = (
+            "its own parameters" if what == "local" else f"parameters received from rank {source}"
+        )
+        message = (
+            f"rank {self.rank} found NaN or inf in {where} at exchange {index} (step "
+            f"{self.step}): training has diverged (lower the learning rate, add gradient "
+            "clipping, or check the data)"
+        )
+        if self.options.wire_dtype is torch.float16:
+            message += (
+                "; or a finite value beyond float16's range (65504) was sent as inf: "
+                "wire_dtype=torch.bfloat16 (--wire-dtype bfloat16) keeps float32's range"
+            )
+        if self.options.on_nonfinite == "raise":
+            raise NonFiniteError(
+                message + "; on_nonfinite='skip' would skip such exchanges",
+                source=None if what == "local" else source,
+                step=index,
+            )
+        warnings.warn(message + "; skipping this exchange", RuntimeWarning, stacklevel=4)
+
+
+def schedule_state(step: int, options: GossipOptions) -> dict[str, Any]:
+    """The step and what the schedule depends on, for a checkpoint."""
+    return {"step": step, "schedule": options.schedule, "seed": options.seed}
+
+
+def load_schedule_state(state: dict[str, Any], options: GossipOptions) -> int:
+    """The step to resume at, after checking that ``state`` follows the same schedule."""
+    for key in ("schedule", "seed"):
+        mine = getattr(options, key)
+        if state.get(key, mine) != mine:
+            raise ValueError(
+                f"checkpoint was made with {key}={state[key]!r} but this run uses "
+                f"{key}={mine!r}: resume with the same {key}"
+            )
+    return int(state["step"])
+
+
+def _layout_of(tensors: Sequence[torch.Tensor]) -> Layout:
+    return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
+
+
+def _grad(p: torch.Tensor, zeros: bool) -> torch.Tensor:
+    if zeros or p.grad is None:
+        return torch.zeros_like(p)
+    return p.grad
