@@ -43,7 +43,7 @@ from _parity import (
     guarded,
     run_all,
 )
-from _toy import toy_model
+from _toy import batch, toy_model
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 from torch.utils.checkpoint import checkpoint
@@ -825,6 +825,328 @@ def gan_two_wrapped_models(run: Run) -> None:
         g_loss.backward()
         opt_g.step()
         run.step_done(d_loss.detach(), g_loss.detach())
+
+
+# --- issue 25: parameters change only where the optimizer changes them -----------------------
+
+
+class ReentrantCheckpointed(nn.Module):
+    """The last block under reentrant activation checkpointing (its input requires grad)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(6, 16)
+        self.block = nn.Sequential(nn.Tanh(), nn.Linear(16, 16), nn.Tanh())
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(checkpoint(self.block, self.first(x), use_reentrant=True))
+
+
+class GrowingCache(nn.Module):
+    """HF-style buffers: a non-persistent cache replaced by a bigger one when a longer input
+    arrives, and a buffer that is None until the first forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(6, 3)
+        self.register_buffer("cos", torch.ones(2), persistent=False)
+        self.register_buffer("center", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if self.cos.numel() < n:
+            cos = torch.cos(torch.arange(n, dtype=x.dtype) / n)
+            self.register_buffer("cos", cos, persistent=False)
+        if self.center is None:
+            self.register_buffer("center", torch.zeros(6))
+        if self.training:
+            with torch.no_grad():
+                self.center.lerp_(x.mean(0), 0.5)
+        return self.body(x - self.center) * self.cos[:n, None]
+
+
+@scenario(2, cases=("retain_graph", "two_forwards", "no_sync_between"), gradients=True)
+def two_backward_passes(run: Run, case: str) -> None:
+    """Two backwards per step: an extra loss on a retained graph, two forwards each with its
+    backward, and a no_sync() forward+backward between a synced forward and its backward."""
+    model = run.wrap(toy_model())
+    opt = sgd(model, run)
+    for t in range(STEPS):
+        (x, y), (x2, y2) = run.batch(t), run.batch(100 + t)
+        if case == "retain_graph":
+            out = model(x)
+            ce(out, y).backward(retain_graph=True)
+            (0.1 * out.pow(2).mean()).backward()
+        elif case == "two_forwards":
+            a, b = model(x), model(x2)
+            ce(a, y).backward()
+            ce(b, y2).backward()
+        else:
+            out = model(x)
+            with model.no_sync():
+                ce(model(x2), y2).backward()
+            ce(out, y).backward()
+        opt.step()
+        opt.zero_grad()
+        run.step_done()
+
+
+@scenario(2)
+def reentrant_checkpointing(run: Run) -> None:
+    model = run.wrap(ReentrantCheckpointed())
+    opt = sgd(model, run)
+    for t in range(STEPS):
+        run.step_done(train_step(run, model, opt, t))
+
+
+@scenario(2)
+def sam(run: Run) -> None:
+    """Sharpness-aware minimisation, the DDP recipe: the first pass in no_sync(), perturb
+    p.data, the second pass, restore p.data, then the base optimizer's step."""
+    model = run.wrap(toy_model(batchnorm=False))
+    base = torch.optim.SGD(model.parameters(), lr=run.lr(0.05), momentum=0.9)
+    for t in range(STEPS):
+        x, y = run.batch(t)
+        with model.no_sync():
+            ce(model(x), y).backward()
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = torch.stack([p.grad.norm() for p in params]).norm()  # type: ignore[union-attr]
+        eps = [0.05 * p.grad / (norm + 1e-12) for p in params]  # type: ignore[operator]
+        for p, e in zip(params, eps, strict=True):
+            p.data.add_(e)
+        base.zero_grad()
+        loss = ce(model(x), y)
+        loss.backward()
+        for p, e in zip(params, eps, strict=True):
+            p.data.sub_(e)
+        base.step()
+        base.zero_grad()
+        run.step_done(loss.detach())
+
+
+@scenario(2)
+def eval_mode_training(run: Run) -> None:
+    """Fine-tuning with frozen BatchNorm statistics: every step in eval() mode."""
+    model = run.wrap(toy_model())
+    opt = sgd(model, run)
+    model.eval()
+    for t in range(STEPS):
+        run.step_done(train_step(run, model, opt, t))
+
+
+@scenario(2)
+def two_optimizers_disjoint_parameters(run: Run) -> None:
+    """Muon + AdamW style: matrices with one optimizer, the rest with another."""
+    model = run.wrap(toy_model(batchnorm=False))
+    matrices = [p for p in model.parameters() if p.dim() == 2]
+    others = [p for p in model.parameters() if p.dim() != 2]
+    opt_a = torch.optim.SGD(matrices, lr=run.lr(0.05), momentum=0.9)
+    opt_b = torch.optim.AdamW(others, lr=run.lr(0.01))
+    for t in range(STEPS):
+        x, y = run.batch(t)
+        ce(model(x), y).backward()
+        opt_a.step()
+        opt_b.step()
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+        run.step_done()
+
+
+@scenario(2)
+def lbfgs_closure(run: Run) -> None:
+    """A closure evaluated inside optimizer.step() (LBFGS; Lightning steps this way too)."""
+    model = run.wrap(toy_model(batchnorm=False))
+    opt = torch.optim.LBFGS(model.parameters(), lr=run.lr(0.5), max_iter=3)
+    for t in range(STEPS):
+        x, y = run.batch(t)
+
+        def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+            opt.zero_grad()
+            loss = ce(model(x), y)
+            loss.backward()
+            return loss
+
+        run.step_done(opt.step(closure).detach())
+
+
+@scenario(2)
+def buffers_created_and_resized_after_wrapping(run: Run) -> None:
+    model = run.wrap(GrowingCache())
+    opt = sgd(model, run)
+    for t, n in enumerate((4, 8, 8, 12, 12)):
+        x, y = run.batch(t)
+        x, y = x.repeat(2, 1)[:n], y.repeat(2)[:n]
+        loss = ce(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        run.step_done(loss.detach())
+
+
+def _gossip(rank: int, module: nn.Module, **options: Any) -> gossipgrad.GossipDataParallel:
+    return gossipgrad.GossipDataParallel(
+        module, process_group=fresh_group(), timeout=TIMEOUT, **options
+    )
+
+
+def _mean(module: nn.Module, group: Any) -> torch.Tensor:
+    flat = torch.cat([p.detach().reshape(-1).double() for p in module.parameters()])
+    dist.all_reduce(flat, group=group)
+    return flat / dist.get_world_size(group)
+
+
+@check(2)
+def a_step_skipped_on_one_rank(rank: int, world: int) -> list[str]:
+    """A GradScaler that finds inf on rank 1 only (in a middle step, and in the last one): the
+    schedule holds (no hang), every mix keeps the mean, replicas still contract."""
+    problems: list[str] = []
+
+    def case(sync: bool, skip_at: int) -> None:
+        model = _gossip(rank, toy_model(batchnorm=False), sync=sync)
+        torch.manual_seed(rank)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        before, start = _mean(model.module, model.group), model.consensus_distance()
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
+        for t in range(6):
+            x, y = batch(rank, t)
+            poison = math.inf if (rank == 1 and t == skip_at) else 1.0
+            scaler.scale(ce(model(x), y) * poison).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        end = model.consensus_distance()
+        drift = (_mean(model.module, model.group) - before).abs().max().item()
+        steps = [None] * world
+        dist.all_gather_object(steps, model.step, group=model.group)
+        where = f"sync={sync}, skipped at step {skip_at} on rank 1"
+        if drift > 1e-6:
+            problems.append(f"{where}: the mean moved by {drift:.3g}")
+        if not end < start / 2:
+            problems.append(f"{where}: consensus {start:.3g} -> {end:.3g}")
+        if len(set(steps)) != 1:
+            problems.append(f"{where}: ranks counted {steps} steps")
+        model.close()
+
+    for sync in (False, True):
+        for skip_at in (3, 5):
+            error = guarded(functools.partial(case, sync, skip_at))
+            if error:
+                problems.append(f"sync={sync}, skip at {skip_at}: {error}")
+    return problems
+
+
+@check(2)
+def tracking_follows_requires_grad(rank: int, world: int) -> list[str]:
+    """Identical data, tracking on: a layer frozen mid-run stays exactly where it was (as in
+    a single process and under DDP), and the tracker state is in gossip_state()."""
+    model = _gossip(rank, toy_model(batchnorm=False), tracking=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    frozen = None
+    for t in range(6):
+        if t == 3:
+            model.module[0].requires_grad_(False)
+            frozen = model.module[0].weight.detach().clone()
+        x, y = batch(0, t)
+        ce(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    model.flush()
+    assert frozen is not None
+    moved = (model.module[0].weight.detach() - frozen).abs().max().item()
+    problems = [f"the frozen layer moved by {moved:.3g}"] if moved else []
+    if "trackers" not in model.gossip_state():
+        problems.append("gossip_state() holds no trackers")
+    model.close()
+    return problems
+
+
+@check(2)
+def loops_that_cannot_communicate_are_refused(rank: int, world: int) -> list[str]:
+    """Manual updates without an optimizer raise within a few steps, naming the fix (and work
+    with step_ended()); ZeroRedundancyOptimizer is refused at its first step."""
+    problems: list[str] = []
+    model = _gossip(rank, toy_model(batchnorm=False))
+    said = ""
+    for t in range(40):
+        x, y = batch(rank, t)
+        try:
+            ce(model(x), y).backward()
+        except RuntimeError as exc:
+            said = f"{t}: {exc}"
+            break
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.05 * p.grad  # type: ignore[operator]
+        model.zero_grad()
+    if "step_ended()" not in said or int(said.split(":")[0]) > 20:
+        problems.append(f"a loop without an optimizer said {said[:200]!r}")
+    model.close()
+
+    model = _gossip(rank, toy_model(batchnorm=False))
+    start = model.consensus_distance()
+    for t in range(6):
+        x, y = batch(rank, t)
+        ce(model(x), y).backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.05 * p.grad  # type: ignore[operator]
+        model.zero_grad()
+        model.step_ended()
+    if model.step != 6:
+        problems.append(f"step_ended() counted {model.step} steps, not 6")
+    model.close()
+    del start
+
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    model = _gossip(rank, toy_model(batchnorm=False))
+    zero = ZeroRedundancyOptimizer(
+        model.parameters(), optimizer_class=torch.optim.SGD, lr=0.1, process_group=model.group
+    )
+    x, y = batch(rank, 0)
+    ce(model(x), y).backward()
+    try:
+        zero.step()
+        problems.append("ZeroRedundancyOptimizer stepped under gossip")
+    except RuntimeError as exc:
+        if "ZeroRedundancyOptimizer" not in str(exc):
+            problems.append(f"ZeroRedundancyOptimizer: {exc}")
+    model.close()
+    return problems
+
+
+@check(2)
+def close_leaves_a_plain_module(rank: int, world: int) -> list[str]:
+    """close() (and the context manager) removes every hook: afterwards the module trains as a
+    plain module, with no communication and no optimizer hook left behind."""
+    from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+
+    hooks = (len(_global_optimizer_pre_hooks), len(_global_optimizer_post_hooks))
+    module = toy_model(batchnorm=False)
+    with _gossip(rank, module) as model:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for t in range(3):
+            x, y = batch(rank, t)
+            ce(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    problems = []
+    if (len(_global_optimizer_pre_hooks), len(_global_optimizer_post_hooks)) != hooks:
+        problems.append("optimizer hooks are left after close()")
+    left = [n for n, p in module.named_parameters() if p._post_accumulate_grad_hooks]
+    if left:
+        problems.append(f"gradient hooks are left on {left}")
+    before = model.step
+    x, y = batch(rank, 9)
+    ce(module(x), y).backward()  # rank 1 alone: a closed wrapper must not wait for rank 0
+    opt.step()
+    if model.step != before:
+        problems.append("a step after close() was counted")
+    return problems
 
 
 # --- the tests: one world per size, run once; each test reads its own part --------------------

@@ -148,6 +148,14 @@ class StepClock:
         self._ever_stepped = True
         self._end()
 
+    def take_unfinished(self) -> bool:
+        """Whether a backward of the current step ran and no optimizer step ended the step;
+        asked between steps (``flush``), that step's optimizer step was skipped (a
+        ``GradScaler`` that found inf in the last step on this rank only)."""
+        unfinished = self._backward_since_step and self._inside == 0
+        self._backward_since_step = False
+        return unfinished
+
     def _end(self) -> None:
         self._stepped.clear()
         self._covered.clear()

@@ -208,6 +208,7 @@ class StepEngine:
         self._index = {id(p): i for i, p in enumerate(self._tracked)}
         self._layout: Layout = ()
         self._free: list[list[Bucket]] = []
+        self._delta: list[torch.Tensor] | None = None  # mixed at a skipped step, added later
         self._rebuild(self.mixed_tensors())
 
     # --- what is mixed -----------------------------------------------------------------------
@@ -236,10 +237,12 @@ class StepEngine:
     # --- a step's end ------------------------------------------------------------------------
 
     def finish_step(self) -> None:
-        """The end of step ``step``, inside the optimizer's step: track, then mix what is due."""
+        """The end of step ``step``, inside the optimizer's step: track, then mix what is due
+        (after what a skipped step left)."""
         o = self.options
         if o.mode == "gradients":
             return
+        self._apply_delta()
         self._track()
         due = cadence.mixed_exchange(self.step, o.gossip_every, o.max_staleness)
         if due is not None:
@@ -265,18 +268,34 @@ class StepEngine:
 
     def skip_step(self) -> None:
         """Step ``step`` ended without an optimizer step (its gradients were discarded): keep
-        the schedule without changing the replica; what was due is mixed at the next
-        ``finish_step``."""
+        the schedule without changing the replica. What was due is mixed into a delta that the
+        next ``finish_step`` adds, and the next exchange sends the replica plus that delta, as
+        if it had been mixed (so no exchange is mixed late, which would not contract)."""
         o = self.options
         due = cadence.mixed_exchange(self.step, o.gossip_every, o.max_staleness)
         if due is not None:
             self._due = max(self._due, due)
+        while self._pending and self._pending[0].index <= self._due:
+            self._mix(self._pending.popleft(), into_delta=True)
         self.begin_next_step()
 
     def flush(self) -> None:
         """Wait for every exchange in flight and mix it in now."""
+        self._apply_delta()
         while self._pending:
             self._mix(self._pending.popleft())
+
+    @torch.no_grad()
+    def _apply_delta(self) -> None:
+        delta, self._delta = self._delta, None
+        if delta is not None and _layout_of(delta) == self._layout:
+            torch._foreach_add_(self.mixed_tensors(), delta)
+
+    def _with_delta(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What the replica will be once the delta of a skipped step is added."""
+        if self._delta is None:
+            return tensors
+        return [t + d for t, d in zip(tensors, self._delta, strict=True)]
 
     def close(self) -> None:
         """Complete every exchange in flight and free the buffers and trackers."""
@@ -295,8 +314,9 @@ class StepEngine:
         ex = self.plan(index)
         where = f"exchange {index} (step {self.step})"
         wires = []
+        snapshot = self._with_delta(tensors)
         for i, b in enumerate(buckets):  # bucket 0 is on the wire while 1 is packed
-            encode_(b, [tensors[j] for j in b.indices])
+            encode_(b, [snapshot[j] for j in b.indices])
             wires.append(self.transport.start([b.send], [b.recv], ex, index, where, i, self._salt))
         if ex.send_to is not None:
             self.bytes_sent_last_step = sum(b.nbytes for b in buckets)
@@ -321,10 +341,16 @@ class StepEngine:
                 self._wait(wire)
         self._rebuild(tensors)
 
-    def _mix(self, pending: _Pending) -> None:
+    def _mix(self, pending: _Pending, *, into_delta: bool = False) -> None:
+        """Wait for ``pending`` and mix it into the replica (``into_delta``: into the delta
+        that the next step end adds, when the replica must not change now)."""
         ex = pending.ex
         tensors = self.mixed_tensors()
         same = _layout_of(tensors) == pending.layout
+        if into_delta and same:
+            if self._delta is None:
+                self._delta = [torch.zeros_like(t) for t in tensors]
+            tensors = self._delta
         weight = delayed_weight(ex.weight, self.options.max_staleness)
         for b, wire in zip(pending.buckets, pending.wires, strict=True):
             self._wait(wire)

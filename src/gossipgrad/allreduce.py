@@ -15,8 +15,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from gossipgrad import _setup
-from gossipgrad.collectives import average_, consensus_distance
-from gossipgrad.mixing import constant_buffers, make_buckets, replica_tensors
+from gossipgrad.collectives import Scratch, average_, consensus_distance
+from gossipgrad.mixing import constant_buffers, replica_tensors
 from gossipgrad.options import GossipOptions, check_bucket_cap
 
 
@@ -43,9 +43,7 @@ class AllReduceDataParallel(DistributedDataParallel):
         self.step = 0
         self.timeout = timeout  # of consensus_distance and average_replicas (gloo)
         self._constants = constant_buffers(module)
-        self._buckets = make_buckets(
-            self._replicas(), int(bucket_cap_mb * 2**20), at_least=torch.float32
-        )
+        self._scratch = Scratch(int(bucket_cap_mb * 2**20))
         model_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
         # What a ring all-reduce sends per rank: 2 (p - 1) / p model copies.
         self.bytes_sent_last_step = 0
@@ -61,11 +59,13 @@ class AllReduceDataParallel(DistributedDataParallel):
         """Nothing is ever in flight between steps with all-reduce."""
 
     def consensus_distance(self) -> float:
-        return consensus_distance(self._replicas(), self._buckets, self.group, self.timeout)
+        tensors = self._replicas()
+        return consensus_distance(tensors, self._scratch(tensors), self.group, self.timeout)
 
     def average_replicas(self, into: nn.Module | None = None) -> None:
         target = None if into is None else replica_tensors(into, self._constants)
-        average_(self._replicas(), self._buckets, self.group, target, self.timeout)
+        tensors = self._replicas()
+        average_(tensors, self._scratch(tensors), self.group, target, self.timeout)
 
     def _replicas(self) -> list[torch.Tensor]:
         return replica_tensors(self.module, self._constants)

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from gossipgrad.errors import PeerError
-from gossipgrad.mixing import Bucket, pack_, views
+from gossipgrad.mixing import Bucket, make_buckets, pack_, views
 
 
 def arrive(group: dist.ProcessGroup | None, timeout: timedelta | None, what: str) -> None:
@@ -202,3 +202,20 @@ class DeferredAverage:
         for t, (then, mean) in zip(tensors, pending, strict=False):
             if t.shape == then.shape:
                 t.add_(mean - then)
+
+
+class Scratch:
+    """The collectives' float32-or-wider buffers for a replica's tensors, remade when those
+    tensors change (a buffer created or resized after wrapping)."""
+
+    def __init__(self, cap_bytes: int) -> None:
+        self.cap_bytes = cap_bytes
+        self._key: tuple[tuple[int, torch.dtype, torch.device], ...] | None = None
+        self._buckets: list[Bucket] = []
+
+    def __call__(self, tensors: Sequence[torch.Tensor]) -> list[Bucket]:
+        key = tuple((t.numel(), t.dtype, t.device) for t in tensors)
+        if key != self._key:
+            self._buckets = make_buckets(tensors, self.cap_bytes, at_least=torch.float32)
+            self._key = key
+        return self._buckets

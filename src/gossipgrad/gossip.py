@@ -60,7 +60,13 @@ from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 from gossipgrad import _setup
 from gossipgrad._clock import StepClock
 from gossipgrad._engine import GroupTransport, StepEngine
-from gossipgrad.collectives import DeferredAverage, average_, broadcast_, consensus_distance
+from gossipgrad.collectives import (
+    DeferredAverage,
+    Scratch,
+    average_,
+    broadcast_,
+    consensus_distance,
+)
 from gossipgrad.mixing import constant_buffers, make_buckets, replica_tensors, tracked_parameters
 from gossipgrad.options import GossipOptions
 
@@ -123,9 +129,7 @@ class GossipDataParallel(nn.Module, Joinable):
             tracked=tracked_parameters(module),
         )
         # float32-or-wider scratch for the collectives (the gossip buffers may be compressed)
-        self._avg_buckets = make_buckets(
-            self._replicas(), o.bucket_cap_bytes, at_least=torch.float32
-        )
+        self._scratch = Scratch(o.bucket_cap_bytes)
         self._deferred = DeferredAverage()  # the exact average of a skipped step
         gradients = o.mode == "gradients" and self.world_size > 1
         tracking = bool(self._engine._tracked)
@@ -185,7 +189,8 @@ class GossipDataParallel(nn.Module, Joinable):
         if self.options.mode == "params":
             Join.notify_join_context(self)
         if self._engine.average_due():
-            self._deferred.take(self._replicas(), self._scratch(), self.group, self.options.timeout)
+            tensors = self._replicas()
+            self._deferred.take(tensors, self._scratch(tensors), self.group, self.options.timeout)
         self._engine.skip_step()
 
     def _exchange_gradients(self, zeros: bool = False) -> None:
@@ -204,7 +209,10 @@ class GossipDataParallel(nn.Module, Joinable):
         """Complete the exchange in flight, if any, and mix it in now rather than at the end of
         the next optimizer step. Call it between steps (before evaluating or saving a
         replica); ``average_replicas``, ``consensus_distance`` and ``load_state_dict`` call it.
-        """
+        A backward since the last optimizer step means that step was skipped on this rank
+        (``GradScaler``): it is counted first, as its partners counted theirs."""
+        if self._clock is not None and self._clock.take_unfinished():
+            self._step_skipped()
         self._engine.flush()
         self._deferred.apply(self._replicas())
 
@@ -219,22 +227,16 @@ class GossipDataParallel(nn.Module, Joinable):
         """``RMS_i ||x_i - mean|| / ||mean||`` over parameters and float buffers (collective:
         every rank must call it at the same point); ``nan`` if a replica is not finite."""
         self.flush()
-        return consensus_distance(
-            self._replicas(), self._scratch(), self.group, self.options.timeout
-        )
+        tensors = self._replicas()
+        return consensus_distance(tensors, self._scratch(tensors), self.group, self.options.timeout)
 
     def average_replicas(self, into: nn.Module | None = None) -> None:
         """Set every replica to the exact average of all replicas (collective, one all-reduce);
         with ``into`` (a module like this one), write the average there and leave the replicas."""
         self.flush()
         target = None if into is None else replica_tensors(into, self._constants)
-        average_(
-            self._replicas(),
-            self._scratch(),
-            self.group,
-            into=target,
-            timeout=self.options.timeout,
-        )
+        tensors = self._replicas()
+        average_(tensors, self._scratch(tensors), self.group, target, self.options.timeout)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -271,7 +273,6 @@ class GossipDataParallel(nn.Module, Joinable):
         self._clock = None
         self._load_hook.remove()
         self._engine.close()
-        self._avg_buckets = []
 
     def __enter__(self) -> GossipDataParallel:
         return self
@@ -318,15 +319,6 @@ class GossipDataParallel(nn.Module, Joinable):
         if self._unmixed is not None:
             return replica_tensors(self.module, self._unmixed)
         return self._replicas()
-
-    def _scratch(self) -> list:
-        """The collectives' float32 buffers, remade when the replica's tensors changed."""
-        tensors = self._replicas()
-        if sum(b.send.numel() for b in self._avg_buckets) != sum(t.numel() for t in tensors):
-            self._avg_buckets = make_buckets(
-                tensors, self.options.bucket_cap_bytes, at_least=torch.float32
-            )
-        return self._avg_buckets
 
 
 class _GossipJoinHook(JoinHook):

@@ -50,6 +50,7 @@ from gossipgrad._clock import StepClock
 from gossipgrad._engine import GroupTransport, StepEngine, load_schedule_state, schedule_state
 from gossipgrad.collectives import (
     DeferredAverage,
+    Scratch,
     average_,
     broadcast_,
     consensus_distance,
@@ -120,8 +121,7 @@ class HierarchicalDataParallel(nn.Module):
         self.step = 0
         self._owed = False  # a skipped step left a mix for the next step end
         self._constants = constant_buffers(module)
-        replicas = replica_tensors(module, self._constants)
-        self._buckets = make_buckets(replicas, o.bucket_cap_bytes, at_least=torch.float32)
+        self._scratch = Scratch(o.bucket_cap_bytes)
         self._deferred = DeferredAverage()
 
         node_size = len(self.nodes[self.node])
@@ -195,7 +195,8 @@ class HierarchicalDataParallel(nn.Module):
         o, t, gossip = self.options, self.step, self._engines.gossip
         self._owed |= cadence.mixed_exchange(t, o.gossip_every, o.max_staleness) is not None
         if cadence.average_due(t, o.average_every):
-            self._deferred.take(self._replicas(), self._buckets, dist.group.WORLD, o.timeout)
+            tensors = self._replicas()
+            self._deferred.take(tensors, self._scratch(tensors), dist.group.WORLD, o.timeout)
         self.step += 1
         if gossip is not None:
             gossip.skip_step()
@@ -203,13 +204,16 @@ class HierarchicalDataParallel(nn.Module):
     def _share(self) -> None:
         """Give the node's ranks the leader's parameters and floating-point buffers."""
         if len(self.nodes[self.node]) > 1:
-            broadcast_(self._replicas(), self._buckets, self.node_group, self.options.timeout)
+            tensors = self._replicas()
+            broadcast_(tensors, self._scratch(tensors), self.node_group, self.options.timeout)
 
     def flush(self) -> None:
         """Complete the leaders' exchange in flight, mix it in, and share the result within the
         node (collective). Call it between steps, before evaluating or saving a replica."""
         if len(self.nodes) == 1:
             return
+        if self._clock is not None and self._clock.take_unfinished():
+            self._step_skipped()  # the last step's optimizer step was skipped (GradScaler)
         if self._engines.gossip is not None:
             self._engines.gossip.flush()
         self._deferred.apply(self._replicas())
@@ -228,8 +232,9 @@ class HierarchicalDataParallel(nn.Module):
         """``RMS_i ||x_i - mean|| / ||mean||`` over all ranks' parameters and float buffers
         (collective)."""
         self.flush()
+        tensors = self._replicas()
         return consensus_distance(
-            self._replicas(), self._buckets, dist.group.WORLD, self.options.timeout
+            tensors, self._scratch(tensors), dist.group.WORLD, self.options.timeout
         )
 
     def average_replicas(self, into: nn.Module | None = None) -> None:
@@ -237,7 +242,8 @@ class HierarchicalDataParallel(nn.Module):
         ``into`` (a module like this one), write the average there and leave the replicas."""
         self.flush()
         target = None if into is None else replica_tensors(into, self._constants)
-        average_(self._replicas(), self._buckets, dist.group.WORLD, target, self.options.timeout)
+        tensors = self._replicas()
+        average_(tensors, self._scratch(tensors), dist.group.WORLD, target, self.options.timeout)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:

@@ -142,7 +142,8 @@ class VirtualCluster:
         if self._gossips and self.engines[0].average_due():
             self.average_replicas()
         for opt, engine in zip(self.optimizers, self.engines, strict=True):
-            engine.begin_next_step()
+            if self._gossips:
+                engine.begin_next_step()
             opt.zero_grad()
         self.step += 1
         return losses
