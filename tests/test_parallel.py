@@ -36,11 +36,21 @@ def _mixing_keeps_the_average(
     dist.all_reduce(before)
     start = model.consensus_distance()
     x, _ = batch(rank, 0)
-    for _ in range(6):  # gossip steps (one backward each) with no optimizer step: pure mixing
-        model(x).sum().backward()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr=0: the steps only mix
+    for _ in range(5):  # exchanges 1 to 5 leave at the ends of steps 0 to 4 (0 is never sent)
+        _mixing_step(model, opt, x)
+    model.flush()  # exchange 5 mixed too: nothing is left in flight
     after = flat(model.module, buffers=False)
     dist.all_reduce(after)
     return (before - after).abs().max().item(), start, model.consensus_distance()
+
+
+def _mixing_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    """One training step; with an ``lr=0`` optimizer, only the mixing at its end moves the
+    replica."""
+    model(x).sum().backward()
+    opt.step()  # the step ends here: what is due is mixed, the next exchange leaves
+    opt.zero_grad()
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -53,7 +63,8 @@ def test_mixing_preserves_the_average_and_pulls_replicas_together(world: int, sy
 
 @pytest.mark.parametrize(("world", "schedule"), [(4, "hypercube"), (3, "exact")])
 def test_exact_schedules_reach_the_exact_average(world: int, schedule: str) -> None:
-    # 6 steps are whole periods: 3 of hypercube's 2 steps at p = 4, 2 of exact's 3 at p = 3
+    # exchanges 1 to 5 hold a whole period: hypercube's {2, 3} at p = 4, exact's {3, 4, 5} at
+    # p = 3
     for err, start, end in run_world(_mixing_keeps_the_average, world, True, schedule):
         assert err < 1e-5
         assert start > 0.1

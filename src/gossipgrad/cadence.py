@@ -1,11 +1,12 @@
 """When a gossip step exchanges, mixes and averages: pure functions of the step, shared by the
 engines and the virtual cluster.
 
-With ``gossip_every = K``, the replica is sent at the first step of every run of ``K`` steps and
-the partner's is mixed in at the end of the backward of the last one (residual form, so the
-``K - 1`` local steps taken meanwhile are kept, and the exchange has ``K`` steps to travel). With
-``average_every = H > 0``, every replica becomes the exact average at the end of the backward of
-every ``H``-th step (Gossip-PGA). Partners follow the schedule by exchange, not by step. With
+With ``gossip_every = K``, the replica is sent when the first step of every run of ``K`` steps
+begins (at the end of the step before it, inside its optimizer step) and the partner's is mixed
+in at the end of the last one (residual form, so the ``K - 1`` local steps taken meanwhile are
+kept, and the exchange has ``K`` steps to travel). With ``average_every = H > 0``, every replica
+becomes the exact average at the end of every ``H``-th step (Gossip-PGA). A step ends inside
+the optimizer's step (``gossipgrad._clock``). Partners follow the schedule by exchange, not by step. With
 ``max_staleness = S``, each exchange is mixed ``S`` steps after that (bounded staleness), so up to
 ``buffers_in_flight`` exchanges travel at once.
 
@@ -26,7 +27,7 @@ def exchange_starts(step: int, gossip_every: int) -> bool:
 
 
 def exchange_ends(step: int, gossip_every: int) -> bool:
-    """Whether the end of step ``step``'s backward mixes the partner's replica in."""
+    """Whether the end of step ``step`` mixes the partner's replica in."""
     return (step + 1) % gossip_every == 0
 
 
@@ -36,12 +37,12 @@ def exchange_index(step: int, gossip_every: int) -> int:
 
 
 def average_due(step: int, average_every: int) -> bool:
-    """Whether the end of step ``step``'s backward averages every replica exactly."""
+    """Whether the end of step ``step`` averages every replica exactly."""
     return average_every > 0 and (step + 1) % average_every == 0
 
 
 def mixed_exchange(step: int, gossip_every: int, max_staleness: int = 0) -> int | None:
-    """Which exchange the end of step ``step``'s backward mixes in, if any: the one due
+    """Which exchange the end of step ``step`` mixes in, if any: the one due
     ``max_staleness`` steps earlier."""
     due = step - max_staleness
     if due < 0 or not exchange_ends(due, gossip_every):

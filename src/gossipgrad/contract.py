@@ -18,7 +18,7 @@ class DataParallel(Protocol):
     """
 
     module: nn.Module
-    step: int  # training steps taken (forwards that communicate)
+    step: int  # training steps taken
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 

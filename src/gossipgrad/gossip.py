@@ -58,6 +58,7 @@ from torch import nn
 from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 
 from gossipgrad import _setup
+from gossipgrad._clipping import AverageNormEstimate
 from gossipgrad._clock import StepClock
 from gossipgrad._engine import GroupTransport, StepEngine
 from gossipgrad.collectives import (
@@ -131,6 +132,7 @@ class GossipDataParallel(nn.Module, Joinable):
         # float32-or-wider scratch for the collectives (the gossip buffers may be compressed)
         self._scratch = Scratch(o.bucket_cap_bytes)
         self._deferred = DeferredAverage()  # the exact average of a skipped step
+        self._norms: AverageNormEstimate | None = None  # clip_grad_norm_'s estimate
         gradients = o.mode == "gradients" and self.world_size > 1
         tracking = bool(self._engine._tracked)
         self._clock: StepClock | None = StepClock(
@@ -198,6 +200,24 @@ class GossipDataParallel(nn.Module, Joinable):
         if not zeros:
             Join.notify_join_context(self)
         self._engine.finish_gradients(self._engine.start_gradients(zeros=zeros), zeros=zeros)
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip the gradients as DDP's ``clip_grad_norm_(model.parameters(), max_norm)`` clips
+        the average over ranks, without communicating: against an estimate of the norm of the
+        rank-average gradient (``gossipgrad._clipping``; ranks must see different data). With
+        ``tracking=True``, ``.grad`` already estimates the average and is clipped against its own
+        norm. Returns the norm clipped against, as torch's ``clip_grad_norm_`` does."""
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if self._engine._tracked or self.world_size == 1:
+            return nn.utils.clip_grad_norm_(params, max_norm)
+        grads = [p.grad for p in params if p.grad is not None]
+        if self._norms is None:
+            self._norms = AverageNormEstimate(self.world_size)
+        norm = self._norms.update(grads)
+        coefficient = max_norm / (norm + 1e-6)
+        if coefficient < 1:
+            torch._foreach_mul_(grads, coefficient)
+        return torch.tensor(norm)
 
     def step_ended(self) -> None:
         """End the step by hand, for a loop that updates parameters without a torch optimizer:
