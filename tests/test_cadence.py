@@ -30,15 +30,15 @@ def _run(rank: int, world: int, every: int, average: int, wire: torch.dtype | No
     per_step, spreads = [], []
     for t in range(_STEPS):
         events: list[tuple] = []
-        with Recorder(events):
+        with Recorder(events):  # the whole step: a step ends (mixes, averages, sends) in opt.step
             x, y = batch(rank, t)
             nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        opt.zero_grad()
         per_step.append(events)
-        everyone = [torch.empty(0)] * world  # after the backward, before the optimizer step
+        everyone = [torch.empty(0)] * world  # at the step's end, after the optimizer step
         dist.all_gather_object(everyone, flat(model.module))
         spreads.append(max((everyone[0] - e).abs().max().item() for e in everyone))
-        opt.step()
-        opt.zero_grad()
     return per_step, spreads, flat(model.module), model.consensus_distance()
 
 
@@ -48,7 +48,8 @@ def test_traffic_and_averages_follow_the_cadence(every: int, average: int) -> No
         for t, events in enumerate(steps):
             sends = [e for e in events if e[0] == "isend"]
             collectives = [e for e in events if e[0] in Recorder.COLLECTIVES]
-            assert bool(sends) == cadence.exchange_starts(t, every), (t, events)
+            # the exchange of step t + 1 leaves at the end of step t, inside its optimizer step
+            assert bool(sends) == cadence.exchange_starts(t + 1, every), (t, events)
             assert bool(collectives) == cadence.average_due(t, average), (t, events)
             if cadence.average_due(t, average):
                 assert spreads[t] == 0.0, f"step {t}: the exact average leaves ranks equal"
@@ -73,8 +74,9 @@ def _pure_mixing(rank: int, world: int, every: int) -> tuple[float, float, float
     dist.all_reduce(before)
     start = model.consensus_distance()
     x, _ = batch(rank, 0)
-    for _ in range(4 * every):  # backwards with no optimizer step: only mixing moves replicas
+    for _ in range(4 * every):  # no optimizer: step_ended() ends each step, only mixing moves
         model(x).sum().backward()
+        model.step_ended()
     after = flat(model.module)
     dist.all_reduce(after)
     return (before - after).abs().max().item(), start, model.consensus_distance()
@@ -99,6 +101,7 @@ def test_the_virtual_cluster_matches_the_engine_under_a_cadence(wire: torch.dtyp
     for t in range(_STEPS):
         batches = [batch(rank, t) for rank in range(world)]
         cluster.train_step(batches, nn.functional.cross_entropy)
-    for rank, (_, _, real, distance) in enumerate(engine):
-        assert (flat(cluster.replicas[rank]) - real).abs().max().item() < 1e-6
+    for rank, (_, _, real, _) in enumerate(engine):  # before any flush: the last exchange sent
+        assert (flat(cluster.replicas[rank]) - real).abs().max().item() < 1e-6  # is in flight
+    for _, _, _, distance in engine:  # (consensus_distance flushes it)
         assert abs(cluster.consensus_distance() - distance) < 1e-6

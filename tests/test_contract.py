@@ -42,8 +42,12 @@ def _copies(rank: int, world: int, algo: str, extra: dict) -> int:
     module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     model = gossipgrad.wrap(module, algo, **extra)
     twin = copy.deepcopy(model.module)  # an EMA or scratch copy of a wrapped module
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1)
     twin(torch.randn(4, 3)).sum().backward()  # its hooks are inert: no step of the wrapper
+    twin_opt.step()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model(torch.randn(4, 3)).sum().backward()
+    opt.step()  # the wrapper's one step ends here
     model.flush()
     return model.step
 

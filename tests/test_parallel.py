@@ -38,16 +38,16 @@ def _mixing_keeps_the_average(
     x, _ = batch(rank, 0)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr=0: the steps only mix
     for _ in range(5):  # exchanges 1 to 5 leave at the ends of steps 0 to 4 (0 is never sent)
-        _mixing_step(model, opt, x)
+        _one_step(model, opt, x)
     model.flush()  # exchange 5 mixed too: nothing is left in flight
     after = flat(model.module, buffers=False)
     dist.all_reduce(after)
     return (before - after).abs().max().item(), start, model.consensus_distance()
 
 
-def _mixing_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
-    """One training step; with an ``lr=0`` optimizer, only the mixing at its end moves the
-    replica."""
+def _one_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    """One training step (with an ``lr=0`` optimizer, only the mixing at its end moves the
+    replica: a pure-mixing step)."""
     model(x).sum().backward()
     opt.step()  # the step ends here: what is due is mixed, the next exchange leaves
     opt.zero_grad()
@@ -98,23 +98,26 @@ def test_identical_data_keeps_replicas_identical(world: int, sync: bool, mode: s
         assert max(diffs) == 0.0
 
 
-def _mixed_dtypes(rank: int, world: int) -> tuple[float, float]:
+def _mixed_dtypes(rank: int, world: int) -> tuple[float, float, float]:
     module = nn.Sequential(nn.Linear(4, 4).double())
     module.register_parameter("extra", nn.Parameter(torch.zeros(4, dtype=torch.bfloat16)))
     model = GossipDataParallel(module, sync=True)
     perturb_(module, rank)
-    before = flat(module)
+    own = flat(module)
+    before = own.clone()
     dist.all_reduce(before)
-    model(torch.randn(2, 4, dtype=torch.float64))
-    model.flush()
+    model.step_ended()  # a step with no optimizer: exchange 1 leaves at its end
+    model.flush()  # and is mixed here
+    moved = (flat(module) - own).abs().min().item()
     after = flat(module)
     dist.all_reduce(after)
     diff = (before - after).abs()  # the module's own "extra" comes first, then the Linear
-    return diff[4:].max().item(), diff[:4].max().item()
+    return diff[4:].max().item(), diff[:4].max().item(), moved
 
 
 def test_several_dtypes_are_mixed_each_in_its_own_precision() -> None:
-    for err64, err16 in run_world(_mixed_dtypes, 2):
+    for err64, err16, moved in run_world(_mixed_dtypes, 2):
+        assert moved > 0, "every value was mixed with the partner's"
         assert err64 < 1e-12
         assert err16 < 0.05  # bfloat16 has 8 bits of mantissa
 
@@ -125,20 +128,33 @@ def test_several_dtypes_are_mixed_each_in_its_own_precision() -> None:
 def _traffic(
     rank: int, world: int, bucket_cap_mb: float, **options: Any
 ) -> tuple[list[list[tuple]], int]:
-    model = GossipDataParallel(toy_model(), bucket_cap_mb=bucket_cap_mb, **options)
+    wrapping: list[tuple] = []
+    with Recorder(wrapping):
+        model = GossipDataParallel(toy_model(), bucket_cap_mb=bucket_cap_mb, **options)
+    # step 0 begins when wrapping; its exchange (exchange 0) is never sent
+    assert not [e for e in wrapping if e[0] in ("isend", "irecv")], wrapping
     model_bytes = sum(t.numel() * t.element_size() for t in model.module.state_dict().values())
     per_step: list[list[tuple]] = []
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for t in range(8):
-        events: list[tuple] = []
+        events: list[tuple] = []  # the waits of what step t sends are recorded here too
         with Recorder(events):
             x, y = batch(rank, t)
             nn.functional.cross_entropy(model(x), y).backward()
+            events.append(("optimizer.step",))
             opt.step()
             opt.zero_grad()
         per_step.append(events)
     model.flush()  # a rank must not exit with its last send in flight
     return per_step, model_bytes
+
+
+def _sent_in_optimizer_step(events: list[tuple]) -> list[tuple]:
+    """The step's messages and collectives, after checking that its forward and backward had
+    none (exchanges start and end inside ``optimizer.step()``)."""
+    marker = events.index(("optimizer.step",))
+    assert events[:marker] == [], events
+    return events[marker + 1 :]
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -147,8 +163,10 @@ def test_each_step_sends_one_model_to_one_rank_and_receives_from_one(
     world: int, bucket_cap_mb: float
 ) -> None:
     for rank, (steps, model_bytes) in enumerate(run_world(_traffic, world, bucket_cap_mb)):
-        assert steps[0] == [], f"rank {rank}: step 0 sends nothing (every replica is the same)"
-        for t, events in enumerate(steps[1:], start=1):
+        # each step's end sends one exchange; exchange 0 is never sent (every replica is the
+        # same), so step 0 sends nothing before its optimizer step, and exchange 1 there
+        for t, step_events in enumerate(steps):
+            events = _sent_in_optimizer_step(step_events)
             sends = [e for e in events if e[0] == "isend"]
             recvs = [e for e in events if e[0] == "irecv"]
             assert len({e[1] for e in sends}) == 1, f"rank {rank} step {t}: {sends}"
@@ -158,13 +176,13 @@ def test_each_step_sends_one_model_to_one_rank_and_receives_from_one(
             assert sum(e[2] for e in recvs) <= 1.05 * model_bytes
             assert not [e for e in events if e[0] in Recorder.COLLECTIVES]
         if bucket_cap_mb < 0.001:
-            assert len([e for e in steps[1] if e[0] == "isend"]) > 1, "small cap: several buckets"
+            assert len([e for e in steps[0] if e[0] == "isend"]) > 1, "small cap: several buckets"
 
 
 def test_int8_on_the_wire_sends_the_encoding_only() -> None:
     floats = sum(t.numel() for t in replica_tensors(toy_model()))  # one bucket at 25 MiB
     for steps, _ in run_world(functools.partial(_traffic, wire_dtype=torch.int8), 2, 25):
-        for events in steps[1:]:
+        for events in steps:  # exchange 1 leaves at the end of step 0
             sent = sum(e[2] for e in events if e[0] == "isend")
             assert sent == _quantize.encoded_size(floats)  # 1 byte a value + 4 per 256
 
@@ -172,7 +190,7 @@ def test_int8_on_the_wire_sends_the_encoding_only() -> None:
 def test_bfloat16_on_the_wire_halves_the_bytes_and_streams_keep_one_partner() -> None:
     fn = functools.partial(_traffic, wire_dtype=torch.bfloat16, streams=3)
     for steps, model_bytes in run_world(fn, 3, 0.0001):
-        for events in steps[1:]:
+        for events in steps:  # exchange 1 leaves at the end of step 0
             sends = [e for e in events if e[0] == "isend"]
             assert len({e[1] for e in sends}) == 1
             assert len({e[1] for e in events if e[0] == "irecv"}) == 1
@@ -196,22 +214,26 @@ def _order(rank: int, world: int) -> list[tuple]:
     return events
 
 
-def test_the_exchange_of_step_t_travels_while_step_t_computes() -> None:
+def test_the_exchange_sent_at_the_end_of_step_t_travels_while_step_t_plus_1_computes() -> None:
     for events in run_world(_order, 2):
         kinds = [e[0] for e in events]
         sends = [i for i, k in enumerate(kinds) if k == "isend"]
         backwards = [i for i, k in enumerate(kinds) if k == "backward"]
         recv_waits = [i for i, e in enumerate(events) if e == ("wait", "irecv")]
-        # step 0 sends nothing (every replica is the same), steps 1 to 4 one exchange each
-        assert len(sends) == len(recv_waits) == 4 and len(backwards) == 5
-        assert events.index(("step", 1)) < sends[0], events
-        for t in range(1, 5):
-            i = t - 1
-            # started in the forward, completed only at the end of the backward, before the
-            # optimizer step (so before step t + 1 begins)
-            assert events.index(("step", t)) < sends[i] < backwards[t] < recv_waits[i], events
-            if t + 1 < 5:
-                assert recv_waits[i] < events.index(("step", t + 1))
+        steps = [events.index(("step", t)) for t in range(5)]
+        # exchange j (1 to 5) leaves at the end of step j - 1 (exchange 0 is never sent) and is
+        # mixed at the end of step j (exchange 5: by the flush after the loop)
+        assert len(sends) == len(recv_waits) == 5 and len(backwards) == 5
+        for j in range(1, 6):
+            i = j - 1
+            # sent inside step j - 1's optimizer step, after its backward
+            assert steps[j - 1] < backwards[j - 1] < sends[i], events
+            if j < 5:
+                # on the wire during step j's forward and backward, completed only at its
+                # optimizer step, before the next exchange leaves
+                assert sends[i] < steps[j] < backwards[j] < recv_waits[i] < sends[i + 1], events
+            else:
+                assert sends[i] < recv_waits[i], events
 
 
 # --- accuracy against the all-reduce baseline -----------------------------------------------
@@ -241,16 +263,33 @@ def test_world_size_one_trains_without_communication() -> None:
     assert run_world(_alone, 1) == [[]]
 
 
-def _no_sync(rank: int, world: int) -> list[tuple]:
+def _no_sync(rank: int, world: int) -> tuple[list[tuple], list[tuple], int]:
+    """Gradient accumulation: two micro-batches in ``no_sync()``, the third outside, then the
+    optimizer step (where the step ends and its exchange leaves)."""
     model = GossipDataParallel(toy_model())
-    events: list[tuple] = []
-    with Recorder(events), model.no_sync():
-        train_steps(model, 3, rank)
-    return events
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    inside: list[tuple] = []
+    stepping: list[tuple] = []
+    for t in range(3):
+        with Recorder(inside), model.no_sync():
+            for micro in range(2):
+                x, y = batch(rank, 3 * t + micro)
+                nn.functional.cross_entropy(model(x), y).backward()
+        with Recorder(stepping):
+            x, y = batch(rank, 3 * t + 2)
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    model.flush()
+    return inside, stepping, model.step
 
 
 def test_no_sync_suppresses_gossip() -> None:
-    assert run_world(_no_sync, 2) == [[], []]
+    # no_sync's backwards are silent; the step, and its exchange, come with optimizer.step()
+    for inside, stepping, step in run_world(_no_sync, 2):
+        assert inside == []
+        assert step == 3
+        assert len([e for e in stepping if e[0] == "isend"]) == 3, "one exchange a step"
 
 
 # --- bad input --------------------------------------------------------------------------------
@@ -308,10 +347,14 @@ def _silent_partner(rank: int, world: int, sync: bool) -> str:
         store.wait(["rank 0 done"], timedelta(seconds=50))
         return "waited"
     x, _ = batch(rank, 0)
-    model(x).sum().backward()  # step 0 exchanges nothing (every replica is the same)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     started = time.monotonic()
     try:
-        model(x).sum().backward()
+        # exchange 1 leaves at the end of step 0 and is waited for there with sync=True, at the
+        # end of step 1 otherwise: time the step that waits
+        for _ in range(2):
+            started = time.monotonic()
+            _one_step(model, opt, x)
     except PeerError as exc:
         assert exc.peer == 1
         return f"{time.monotonic() - started:.1f}s {exc}"
@@ -332,15 +375,18 @@ def _nan_from_rank_1(rank: int, world: int, on_nonfinite: str) -> tuple[str, boo
     model = GossipDataParallel(
         toy_model(), sync=True, on_nonfinite=on_nonfinite, timeout=timedelta(seconds=3)
     )
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr=0: the steps only mix
     x, _ = batch(rank, 0)
-    model(x).sum().backward()  # step 0 exchanges nothing (every replica is the same)
+    _one_step(model, opt, x)  # step 0: exchange 1 leaves, from replicas that are all the same
     if rank == 1:
         with torch.no_grad():
             model.module[0].weight[0, 0] = float("nan")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            model(x).sum().backward()  # one gossip step: mixed at the end of backward
+            # step 1 mixes exchange 1 and sends the poisoned replica (exchange 2); step 2 mixes it
+            _one_step(model, opt, x)
+            _one_step(model, opt, x)
         except (NonFiniteError, PeerError) as exc:
             return f"{type(exc).__name__}: {exc}", False
     finite = bool(torch.isfinite(flat(model.module)).all())
@@ -350,7 +396,9 @@ def _nan_from_rank_1(rank: int, world: int, on_nonfinite: str) -> tuple[str, boo
 def test_nan_is_never_mixed_in_silently() -> None:
     (msg0, finite0), (msg1, _) = run_world(_nan_from_rank_1, 2, "skip")
     assert (
-        "NaN or inf in parameters received from rank 1 at gossip step 1" in msg0
+        # the first exchange that carries the NaN (the old "gossip step 1": exchange 0 is never
+        # sent) is exchange 2 now: it leaves at the end of the step after the poisoning
+        "NaN or inf in parameters received from rank 1 at exchange 2 (step 2)" in msg0
         and "skipping" in msg0
     )
     assert finite0, "rank 0 skipped the poisoned exchange"
@@ -367,13 +415,15 @@ def _too_large_for_float16(rank: int, world: int) -> str:
     model = GossipDataParallel(
         toy_model(), sync=True, wire_dtype=torch.float16, timeout=timedelta(seconds=3)
     )
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr=0: the steps only mix
     x, _ = batch(rank, 0)
-    model(x).sum().backward()
+    _one_step(model, opt, x)  # exchange 1 leaves, from replicas that are all the same
     if rank == 1:
         with torch.no_grad():
             model.module[0].weight[0, 0] = 1e5  # finite, but inf in float16
     try:
-        model(x).sum().backward()
+        _one_step(model, opt, x)  # sends the large value (exchange 2)
+        _one_step(model, opt, x)  # mixes it
     except NonFiniteError as exc:
         return str(exc)
     return "no error"

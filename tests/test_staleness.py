@@ -6,6 +6,7 @@ the virtual cluster mixes exactly as the engine; flush and checkpoints drain eve
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import torch
@@ -61,21 +62,33 @@ def _optimizer(params: object) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.05, momentum=0.9)  # type: ignore[arg-type]
 
 
+def _still(params: object) -> torch.optim.Optimizer:
+    """An optimizer that leaves the parameters as they are (lr 0): a step still ends inside its
+    ``step()``, so only mixing moves the replicas."""
+    return torch.optim.SGD(params, lr=0.0)  # type: ignore[arg-type]
+
+
 def _train(rank: int, world: int, staleness: int, every: int) -> tuple:
     model = GossipDataParallel(toy_model(), max_staleness=staleness, gossip_every=every)
     perturb_(model.module, rank)
     opt = _optimizer(model.parameters())
-    mixed_at: list[tuple[int, int]] = []  # (exchange, step whose backward mixed it)
-    mix = model._mix
-    model._mix = lambda p: (mixed_at.append((p.index, model.step - 1)), mix(p))[1]  # type: ignore[method-assign]
+    engine = model._engine
+    mixed_at: list[tuple[int, int]] = []  # (exchange, step whose end mixed it)
+    mix = engine._mix
+
+    def recording_mix(pending: Any, **kwargs: Any) -> None:
+        mixed_at.append((pending.index, engine.step))  # the step ending now (not yet counted)
+        mix(pending, **kwargs)
+
+    engine._mix = recording_mix  # type: ignore[method-assign]
     sends = []
     for t in range(_STEPS):
         events: list[tuple] = []
-        with Recorder(events):
+        with Recorder(events):  # the whole step: exchanges leave inside optimizer.step()
             x, y = batch(rank, t)
             nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
         sends.append(sum(e[0] == "isend" for e in events))
-        opt.step()
         opt.zero_grad()
     before_flush, in_training = flat(model.module), list(mixed_at)
     model.flush()
@@ -96,14 +109,16 @@ def test_the_engine_mixes_s_steps_late_and_the_virtual_cluster_matches(
 ) -> None:
     world = 4
     engine = run_world(_train, world, staleness, every)
-    exchanges = len(range(every, _STEPS, every))  # exchange 0 is not sent
+    # exchange 0 is not sent; exchange j leaves at the end of step jK - 1 (inside its optimizer
+    # step), so the run sends exchanges 1 .. _STEPS // every
+    exchanges = len(range(every, _STEPS + 1, every))
     for in_training, everything, sends, *_ in engine:
         assert in_training, "some exchanges are due within the run"
         for j, t in in_training:
             assert t == j * every + every - 1 + staleness, in_training  # never later or sooner
         assert everything == list(range(1, exchanges + 1))  # each mixed once, in order
-        for t, n in enumerate(sends):  # still one partner per exchange, one message stream
-            assert (n > 0) == cadence.exchange_starts(t, every)
+        for t, n in enumerate(sends):  # still one partner per exchange, one message stream,
+            assert (n > 0) == cadence.exchange_starts(t + 1, every)  # sent as step t ends
     torch.manual_seed(0)
     cluster = VirtualCluster(
         toy_model(), world, _optimizer, max_staleness=staleness, gossip_every=every
@@ -126,9 +141,12 @@ def _pure_mixing(rank: int, world: int, staleness: int) -> tuple[float, float, f
     before = flat(model.module)
     dist.all_reduce(before)
     start = model.consensus_distance()
+    opt = _still(model.parameters())
     x, _ = batch(rank, 0)
-    for _ in range(12):  # backwards without optimizer steps: only the delayed mixing moves
+    for _ in range(12):  # steps that do not move the parameters: only the delayed mixing moves
         model(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
     model.flush()
     after = flat(model.module)
     dist.all_reduce(after)
@@ -143,15 +161,20 @@ def test_delayed_mixing_keeps_the_average_and_reaches_consensus() -> None:
 
 def _run_ahead(rank: int, world: int, staleness: int, pause_before: int) -> int:
     """Rank 0 stops before step ``pause_before`` until every other rank has finished step
-    ``pause_before + staleness - 1``: possible only if they need none of its later messages."""
+    ``pause_before + staleness``: possible only if they need none of its later messages (the
+    exchange of step ``pause_before`` left rank 0 inside its last optimizer step, at the end of
+    step ``pause_before - 1``, and is mixed at the end of step ``pause_before + staleness``)."""
     model = GossipDataParallel(toy_model(), max_staleness=staleness)
+    opt = _optimizer(model.parameters())
     store = dist.distributed_c10d._get_default_store()
-    ahead = pause_before + staleness - 1
+    ahead = pause_before + staleness
     for t in range(pause_before + staleness + 2):
         if rank == 0 and t == pause_before:
             store.wait([f"done_{r}_{ahead}" for r in range(1, world)], timedelta(seconds=60))
         x, y = batch(rank, t)
         nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
         store.set(f"done_{rank}_{t}", "1")
     model.flush()
     return model.step
@@ -163,16 +186,22 @@ def test_ranks_run_up_to_s_steps_ahead_of_a_paused_rank() -> None:
 
 def _checkpoint(rank: int, world: int) -> tuple[int, int]:
     model = GossipDataParallel(toy_model(), max_staleness=3)
+    opt = _optimizer(model.parameters())
     for t in range(5):
         x, y = batch(rank, t)
         nn.functional.cross_entropy(model(x), y).backward()
-    in_flight = len(model._pending)
+        opt.step()
+        opt.zero_grad()
+    in_flight = len(model._engine._pending)
     model.module.load_state_dict(model.module.state_dict())  # a load drains every exchange first
-    return in_flight, len(model._pending)
+    return in_flight, len(model._engine._pending)
 
 
 def test_a_load_drains_every_exchange_in_flight() -> None:
-    assert run_world(_checkpoint, 2) == [(3, 0), (3, 0)]
+    # after 5 steps, exchanges 1..5 were sent (the last at the end of step 4) and exchange 1 was
+    # mixed at the end of step 4 (3 steps late): S + 1 = 4 are in flight, every buffer set
+    assert cadence.buffers_in_flight(1, 3) == 4
+    assert run_world(_checkpoint, 2) == [(4, 0), (4, 0)]
 
 
 def test_the_delayed_weight_is_the_weight_without_delay_and_shrinks_with_it() -> None:
@@ -205,10 +234,13 @@ def _uneven(rank: int, world: int) -> tuple[float, int]:
     perturb_(model.module, rank)
     before = flat(model.module)
     dist.all_reduce(before)
+    opt = _still(model.parameters())
     x, _ = batch(rank, 0)
     with model.join():  # rank r has 3 + 2r batches; joined ranks keep answering, S steps late
         for _ in range(3 + 2 * rank):
-            model(x).sum().backward()  # no optimizer: only mixing moves the replicas
+            model(x).sum().backward()
+            opt.step()  # lr 0: only mixing moves the replicas
+            opt.zero_grad()
     model.flush()
     after = flat(model.module)
     dist.all_reduce(after)
@@ -223,8 +255,10 @@ def test_uneven_inputs_under_join_keep_the_average_with_delayed_mixing() -> None
 
 def _buffers_at_wrapping(rank: int, world: int, wire: torch.dtype | None) -> tuple[int, bool, bool]:
     model = GossipDataParallel(toy_model(), gossip_every=2, max_staleness=3, wire_dtype=wire)
-    made = {b.send.data_ptr() for slot in model._pool for b in slot}
-    buffers = [(b.send, b.recv, b.stage) for slot in model._pool for b in slot]
+    engine = model._engine
+    opt = _optimizer(model.parameters())
+    made = {b.send.data_ptr() for buckets in engine._free for b in buckets}
+    buffers = [(b.send, b.recv, b.stage) for buckets in engine._free for b in buckets]
     zeroed = all(t is None or not t.any() for group in buffers for t in group)
     if wire is not None:  # the stage where a compressed payload's difference is computed
         assert all(stage is not None for *_, stage in buffers)
@@ -232,9 +266,11 @@ def _buffers_at_wrapping(rank: int, world: int, wire: torch.dtype | None) -> tup
     for t in range(12):
         x, y = batch(rank, t)
         nn.functional.cross_entropy(model(x), y).backward()
-        used |= {b.send.data_ptr() for p in model._pending for b in p.buckets}
+        opt.step()  # the step's end: mixes what is due, then sends the next exchange
+        opt.zero_grad()
+        used |= {b.send.data_ptr() for p in engine._pending for b in p.buckets}
     model.flush()
-    return len(model._pool), zeroed, used <= made
+    return len(engine._free), zeroed, used <= made
 
 
 @pytest.mark.parametrize("wire", [None, torch.bfloat16])
@@ -249,9 +285,14 @@ def test_every_exchange_buffer_is_allocated_and_touched_when_wrapping(
 
 def test_the_virtual_cluster_makes_every_buffer_slot_when_built_as_the_engine() -> None:
     cluster = VirtualCluster(toy_model(), 2, _optimizer, gossip_every=2, max_staleness=3)
-    assert len(cluster._pool) == cadence.buffers_in_flight(2, 3)
-    made = {id(slot) for slot in cluster._pool}
+    slots = cadence.buffers_in_flight(2, 3)
+    assert all(len(e._free) == slots for e in cluster.engines)
+    made = [{id(buckets) for buckets in e._free} for e in cluster.engines]
     for t in range(12):
         cluster.train_step([batch(rank, t) for rank in range(2)], nn.functional.cross_entropy)
-        assert {id(pool) for *_, pool in cluster._pending} <= made
-    assert len(cluster._pool) == cadence.buffers_in_flight(2, 3)
+        for e, mine in zip(cluster.engines, made, strict=True):
+            assert {id(p.buckets) for p in e._pending} <= mine  # in flight: buffers made at first
+            assert len(e._free) + len(e._pending) == slots  # none made or lost since
+    cluster.flush()
+    for e, mine in zip(cluster.engines, made, strict=True):
+        assert {id(buckets) for buckets in e._free} == mine

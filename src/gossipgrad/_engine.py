@@ -306,6 +306,11 @@ class StepEngine:
 
     # --- params mode: exchanges ----------------------------------------------------------------
 
+    def start_exchange(self, index: int) -> None:
+        """Start exchange ``index`` now, whatever the cadence (the virtual cluster's
+        ``gossip()``, which mixes it at once with ``flush``)."""
+        self._start(index)
+
     def _start(self, index: int) -> None:
         tensors = self.mixed_tensors()
         if _layout_of(tensors) != self._layout:
