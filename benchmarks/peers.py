@@ -199,7 +199,10 @@ def expected_bytes(spec: Spec, shapes: list[list[int]], world: int, steps: int) 
         return ring * model * math.ceil(steps / spec.period) / steps if spec.period else 0.0
     o = dict(spec.gossip)
     wire = model // 2 if o.get("wire_dtype") else model
-    sent = wire * (math.ceil(steps / o.get("gossip_every", 1)) - 1)  # exchange 0 is not sent
+    # the exchange of step s (a multiple of K) leaves at the end of step s - 1: exchange 0 is
+    # never sent, and the last step's end sends the exchange of step `steps` (the epoch's
+    # flush completes it)
+    sent = wire * (steps // o.get("gossip_every", 1))
     if o.get("average_every"):
         sent += ring * model * (steps // o["average_every"])
     return sent / steps
@@ -273,16 +276,11 @@ class Runner:
         self.opt.zero_grad()
 
     def close(self) -> None:
-        """Let this round's objects be freed. ``GossipDataParallel`` registers a bound method as
-        a post-accumulate-grad hook on every parameter; that cycle (parameter -> hook -> engine
-        -> module -> parameter) runs through the tensors' hook storage, which the garbage
-        collector does not see, so without this every round would leak the engine, its module
-        and buffers (several model copies)."""
+        """Let this round's objects be freed: ``GossipDataParallel.close`` removes every hook it
+        put on torch's optimizers and on the parameters, and frees its buffers (collective; the
+        exchange in flight was completed by ``finish``)."""
         if self.spec.family == "gossip":
-            for p in self.module.parameters():
-                hooks = getattr(p, "_post_accumulate_grad_hooks", None)
-                if hooks:
-                    hooks.clear()
+            self.model.close()
 
     def extra(self) -> Any:
         """What the next round needs besides parameters and optimizer state."""

@@ -218,5 +218,6 @@ for epoch in range(args.epochs):
         break
 
 sampler.flush()
+model.close()  # completes the exchange still in flight (collective) and removes the hooks
 log(f"saved the averaged model to {args.out}")
 dist.destroy_process_group()

@@ -61,16 +61,21 @@ def test_ranks_of_a_node_hold_identical_parameters_after_every_step(options: dic
 # --- traffic: only leaders cross nodes, one partner each ----------------------------------------
 
 
-def _traffic(rank: int, world: int) -> tuple[list[list[tuple]], list[int], int]:
+def _traffic(rank: int, world: int) -> tuple[list[tuple[list, list]], list[int], int]:
     model = HierarchicalDataParallel(toy_model(), ranks_per_node=2, streams=2)
     model_bytes = sum(t.numel() * t.element_size() for t in model.module.state_dict().values())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     per_step, sent = [], []
     for t in range(6):
-        events: list[tuple] = []
-        with Recorder(events):
-            _step(model, opt, rank, t)
-        per_step.append(events)
+        compute: list[tuple] = []
+        ending: list[tuple] = []
+        x, y = batch(rank, t)
+        with Recorder(compute):
+            nn.functional.cross_entropy(model(x), y).backward()
+        with Recorder(ending):  # the step ends: mix what is due, send the next exchange
+            opt.step()
+        opt.zero_grad()
+        per_step.append((compute, ending))
         sent.append(model.bytes_sent_last_step)
     model.flush()
     return per_step, sent, model_bytes
@@ -79,19 +84,24 @@ def _traffic(rank: int, world: int) -> tuple[list[list[tuple]], list[int], int]:
 def test_only_leaders_send_across_nodes_to_one_leader_per_step() -> None:
     leaders = {0, 2, 4}
     for rank, (steps, sent, model_bytes) in enumerate(run_world(_traffic, 6)):
-        for t, events in enumerate(steps):
+        for t, (compute, events) in enumerate(steps):
+            assert compute == [], f"rank {rank} step {t}: forward and backward send nothing"
             sends = [e for e in events if e[0] == "isend"]
             recvs = [e for e in events if e[0] == "irecv"]
-            if rank not in leaders or t == 0:  # step 0: every replica is the same
+            collectives = {e[0] for e in events if e[0] in Recorder.COLLECTIVES}
+            # exchange 0 is never sent (every replica is the same at step 0), so the end of step 0
+            # mixes nothing and the node's ranks get no replica from their leader there
+            assert ("broadcast" in collectives) == (t > 0), f"rank {rank} step {t}: {events}"
+            if rank not in leaders:
                 assert not sends and not recvs, f"rank {rank} step {t}: {events}"
                 assert sent[t] == 0
                 continue
+            # the end of step t sends exchange t + 1 (it travels during step t + 1)
             assert len({e[1] for e in sends}) == 1, f"rank {rank} step {t}: {sends}"
             assert len({e[1] for e in recvs}) == 1, f"rank {rank} step {t}: {recvs}"
             assert {e[1] for e in sends + recvs} <= leaders - {rank}
             assert sum(e[2] for e in sends) <= 1.05 * model_bytes
             assert sent[t] == sum(e[2] for e in sends)
-            collectives = {e[0] for e in events if e[0] in Recorder.COLLECTIVES}
             assert collectives <= {"broadcast"}, "inside the node: the leader's replica only"
 
 
@@ -108,9 +118,11 @@ def _mixing(rank: int, world: int, sync: bool) -> tuple[float, float, float]:
     dist.all_reduce(before)
     start = model.consensus_distance()
     x, _ = batch(rank, 0)
-    for _ in range(6):  # gossip steps with no optimizer step: pure mixing
+    still = torch.optim.SGD(model.parameters(), lr=0.0)  # steps that change nothing: pure mixing
+    for _ in range(6):
         model(x).sum().backward()
-        model.zero_grad()
+        still.step()
+        still.zero_grad()
     model.flush()
     after = flat(model.module)
     dist.all_reduce(after)
@@ -136,7 +148,9 @@ def _averaged(rank: int, world: int) -> tuple[float, float, list[torch.Tensor]]:
 
 
 def test_average_replicas_gives_every_rank_the_same_replica() -> None:
-    for before, after, flats in run_world(_averaged, 4):
+    # 3 nodes: with 2, completing the exchange in flight (consensus_distance flushes) would
+    # already average the two leaders' replicas exactly, so they would not differ before
+    for before, after, flats in run_world(_averaged, 6):
         assert before > 1e-4
         assert after < 1e-6
         assert all(torch.equal(flats[0], f) for f in flats)
@@ -214,11 +228,13 @@ def test_node_layout_is_read_from_torchrun_environment() -> None:
 def _resume_and_no_sync(rank: int, world: int) -> tuple[list[tuple], int, str]:
     model = HierarchicalDataParallel(toy_model(), ranks_per_node=2, schedule="ring")
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    for t in range(3):
+    for t in range(2):
         _step(model, opt, rank, t)
     events: list[tuple] = []
-    with Recorder(events), model.no_sync():
-        _step(model, opt, rank, 3)
+    x, y = batch(rank, 2)
+    with Recorder(events), model.no_sync():  # gradient accumulation: a backward of its own
+        nn.functional.cross_entropy(model(x), y).backward()
+    _step(model, opt, rank, 2)  # the step's last backward, and its end (the optimizer's step)
     model.flush()
     fresh = HierarchicalDataParallel(toy_model(), ranks_per_node=2, schedule="ring")
     fresh.load_gossip_state(model.gossip_state())
@@ -254,7 +270,16 @@ def _bad(rank: int, world: int, kwargs: dict[str, Any]) -> str:
         ({"ranks_per_node": 3}, r"must divide the world size 4 \(one of \[1, 2, 4\]\), got 3"),
         ({"ranks_per_node": 0}, "ranks_per_node must divide"),
         ({}, "cannot tell which ranks share a node: launch with torchrun"),
-        ({"ranks_per_node": 2, "mode": "gradients"}, "mode='params' only"),
+        (
+            {"ranks_per_node": 2, "mode": "gradients"},
+            "supports mode='params' without tracking only, got mode='gradients'.*"
+            "use GossipDataParallel",
+        ),
+        (
+            {"ranks_per_node": 2, "tracking": True},
+            "supports mode='params' without tracking only, got .*tracking=True: "
+            "use GossipDataParallel",
+        ),
         ({"ranks_per_node": 2, "process_group": None}, "leave process_group out"),
         ({"ranks_per_node": 2, "bucket_mb": 1}, r"unknown options \['bucket_mb'\]"),
         ({"ranks_per_node": 2, "schedule": "star"}, "schedule must be one of"),  # from the leader

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim import optimizer as optimizers
 from torch.utils.data import DataLoader, TensorDataset
 
 L = pytest.importorskip("lightning", reason="pip install 'gossipgrad[lightning]'")
@@ -111,9 +112,18 @@ class _Probe(L.LightningModule):
         self.seen |= {"wrapper": type(wrapper).__name__, "bytes": wrapper.bytes_sent_last_step}
         self.seen |= {"gossip_steps": wrapper.step, "optimizer_steps": self.trainer.global_step}
 
-    def on_fit_end(self) -> None:
+    def on_fit_end(self) -> None:  # after the strategy's teardown
         self.seen["final"] = _state(self)
+        self.seen["hooks_left"] = _hooks_left(self)
         torch.save(self.seen, self.out / f"rank{self.global_rank}.pt")
+
+
+def _hooks_left(module: nn.Module) -> int:
+    """Hooks still on torch's optimizers and on ``module``'s parameters (private torch state:
+    what ``GossipDataParallel.close`` must have emptied)."""
+    left = len(optimizers._global_optimizer_pre_hooks)
+    left += len(optimizers._global_optimizer_post_hooks)
+    return left + sum(len(p._post_accumulate_grad_hooks or {}) for p in module.parameters())
 
 
 def _trainer(tmp_path: Path, **kwargs: Any) -> L.Trainer:
@@ -152,6 +162,7 @@ def test_trainer_fits_with_gossip_saves_the_average_and_tests_it(tmp_path: Path)
     _assert_equal(final, seen[1]["final"])  # fit ends with one model: the average
     _assert_equal(final, _mean(replicas[2]), atol=1e-5)
     _assert_equal(_state(model), final)  # the module in hand is that model too
+    assert [s["hooks_left"] for s in seen] == [0, 0]  # teardown closed the wrapper
 
     test = _data(64, seed=1)
     (metrics,) = trainer.test(model, DataLoader(test, batch_size=32), verbose=False)
@@ -181,11 +192,13 @@ def _fabric_run(fabric: L.Fabric, out: Path) -> None:
     model, optimizer = fabric.setup(*_model_and_optimizer())
     gossip = fabric.strategy.data_parallel(model)
     x, y = _data(64, seed=10 + fabric.global_rank).tensors  # each rank its own data
-    for step in range(6):
-        with fabric.no_backward_sync(model, enabled=step % 3 == 0):
+    for step in range(6):  # batches 0 and 3 accumulate: 4 optimizer steps, 4 gossip steps
+        accumulating = step % 3 == 0
+        with fabric.no_backward_sync(model, enabled=accumulating):
             fabric.backward(F.cross_entropy(model(x), y))
-        optimizer.step()
-        optimizer.zero_grad()
+        if not accumulating:
+            optimizer.step()
+            optimizer.zero_grad()
     seen = {"before": _state(model), "steps": gossip.step, "bytes": gossip.bytes_sent_last_step}
     fabric.save(out / "fabric.ckpt", {"model": model, "optimizer": optimizer})
     seen["after_save"] = _state(model)
@@ -207,7 +220,7 @@ def test_fabric_trains_with_gossip_and_saves_the_average(tmp_path: Path) -> None
     fabric.launch(_fabric_run, tmp_path)
     seen = [torch.load(tmp_path / f"fabric{r}.pt") for r in range(2)]
 
-    assert [s["steps"] for s in seen] == [4, 4]  # two of six steps inside no_backward_sync
+    assert [s["steps"] for s in seen] == [4, 4]  # two of six backwards in no_backward_sync
     assert all(s["bytes"] > 0 for s in seen)
     assert _differ(seen[0]["before"], seen[1]["before"])
     saved = torch.load(tmp_path / "fabric.ckpt")["model"]

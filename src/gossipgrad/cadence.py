@@ -6,9 +6,9 @@ begins (at the end of the step before it, inside its optimizer step) and the par
 in at the end of the last one (residual form, so the ``K - 1`` local steps taken meanwhile are
 kept, and the exchange has ``K`` steps to travel). With ``average_every = H > 0``, every replica
 becomes the exact average at the end of every ``H``-th step (Gossip-PGA). A step ends inside
-the optimizer's step (``gossipgrad._clock``). Partners follow the schedule by exchange, not by step. With
-``max_staleness = S``, each exchange is mixed ``S`` steps after that (bounded staleness), so up to
-``buffers_in_flight`` exchanges travel at once.
+the optimizer's step (``gossipgrad._clock``). Partners follow the schedule by exchange, not by
+step. With ``max_staleness = S``, each exchange is mixed ``S`` steps after that (bounded
+staleness), so up to ``buffers_in_flight`` exchanges travel at once.
 
 Exchange 0 (posted at step 0) is never sent: at step 0 every replica is the same (broadcast when
 wrapping, or DDP's ``init_sync=False`` contract), so its mix ``x + w (r - s)`` would add exactly

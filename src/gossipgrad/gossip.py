@@ -229,12 +229,17 @@ class GossipDataParallel(nn.Module, Joinable):
         """Complete the exchange in flight, if any, and mix it in now rather than at the end of
         the next optimizer step. Call it between steps (before evaluating or saving a
         replica); ``average_replicas``, ``consensus_distance`` and ``load_state_dict`` call it.
-        A backward since the last optimizer step means that step was skipped on this rank
-        (``GradScaler``): it is counted first, as its partners counted theirs."""
-        if self._clock is not None and self._clock.take_unfinished():
-            self._step_skipped()
+        """
+        self._catch_up()
         self._engine.flush()
         self._deferred.apply(self._replicas())
+
+    def _catch_up(self) -> None:
+        """At a collective between steps: a backward since the last optimizer step means that
+        step was skipped on this rank (``GradScaler``); count it, as its partners counted
+        theirs (this changes no parameter)."""
+        if self._clock is not None and self._clock.take_unfinished():
+            self._step_skipped()
 
     def _before_load(self, *_args: Any) -> None:
         """A ``load_state_dict`` completes the exchange in flight first, so that what it loads
@@ -244,16 +249,22 @@ class GossipDataParallel(nn.Module, Joinable):
     # --- replicas ------------------------------------------------------------------------------
 
     def consensus_distance(self) -> float:
-        """``RMS_i ||x_i - mean|| / ||mean||`` over parameters and float buffers (collective:
-        every rank must call it at the same point); ``nan`` if a replica is not finite."""
-        self.flush()
+        """``RMS_i ||x_i - mean|| / ||mean||`` over parameters and float buffers of the replicas
+        as they stand (collective: every rank calls it at the same point); ``nan`` if a replica
+        is not finite. The exchange in flight stays in flight, so measuring changes nothing."""
+        self._catch_up()
         tensors = self._replicas()
         return consensus_distance(tensors, self._scratch(tensors), self.group, self.options.timeout)
 
     def average_replicas(self, into: nn.Module | None = None) -> None:
-        """Set every replica to the exact average of all replicas (collective, one all-reduce);
-        with ``into`` (a module like this one), write the average there and leave the replicas."""
-        self.flush()
+        """Set every replica to the exact average of all replicas (collective, one all-reduce;
+        the exchange in flight is completed first); with ``into`` (a module like this one), write
+        the average there and leave the replicas and the exchange in flight as they are (mixing
+        keeps the replicas' mean, so the average is the same either way)."""
+        if into is None:
+            self.flush()
+        else:
+            self._catch_up()
         target = None if into is None else replica_tensors(into, self._constants)
         tensors = self._replicas()
         average_(tensors, self._scratch(tensors), self.group, target, self.options.timeout)

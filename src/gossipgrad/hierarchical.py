@@ -201,6 +201,18 @@ class HierarchicalDataParallel(nn.Module):
         if gossip is not None:
             gossip.skip_step()
 
+    def _catch_up(self) -> None:
+        """At a collective between steps: count a step whose optimizer step was skipped on this
+        node (``GradScaler``), as the other nodes counted theirs (no parameter changes)."""
+        if self._clock is not None and self._clock.take_unfinished():
+            self._step_skipped()
+
+    def step_ended(self) -> None:
+        """End the step by hand, for a loop that updates parameters without a torch optimizer:
+        call it after each update (on every rank). Loops with an optimizer never call it."""
+        if self._clock is not None:
+            self._clock.end_step()
+
     def _share(self) -> None:
         """Give the node's ranks the leader's parameters and floating-point buffers."""
         if len(self.nodes[self.node]) > 1:
@@ -212,8 +224,7 @@ class HierarchicalDataParallel(nn.Module):
         node (collective). Call it between steps, before evaluating or saving a replica."""
         if len(self.nodes) == 1:
             return
-        if self._clock is not None and self._clock.take_unfinished():
-            self._step_skipped()  # the last step's optimizer step was skipped (GradScaler)
+        self._catch_up()
         if self._engines.gossip is not None:
             self._engines.gossip.flush()
         self._deferred.apply(self._replicas())
@@ -229,18 +240,22 @@ class HierarchicalDataParallel(nn.Module):
     # --- replicas ------------------------------------------------------------------------------
 
     def consensus_distance(self) -> float:
-        """``RMS_i ||x_i - mean|| / ||mean||`` over all ranks' parameters and float buffers
-        (collective)."""
-        self.flush()
+        """``RMS_i ||x_i - mean|| / ||mean||`` over all ranks' parameters and float buffers, as
+        they stand (collective; the exchange in flight stays in flight)."""
+        self._catch_up()
         tensors = self._replicas()
         return consensus_distance(
             tensors, self._scratch(tensors), dist.group.WORLD, self.options.timeout
         )
 
     def average_replicas(self, into: nn.Module | None = None) -> None:
-        """Set every rank's replica to the exact average over all ranks (collective); with
-        ``into`` (a module like this one), write the average there and leave the replicas."""
-        self.flush()
+        """Set every rank's replica to the exact average over all ranks (collective; the
+        exchange in flight is completed first); with ``into`` (a module like this one), write the
+        average there and leave the replicas and the exchange in flight as they are."""
+        if into is None:
+            self.flush()
+        else:
+            self._catch_up()
         target = None if into is None else replica_tensors(into, self._constants)
         tensors = self._replicas()
         average_(tensors, self._scratch(tensors), dist.group.WORLD, target, self.options.timeout)
@@ -293,6 +308,9 @@ class HierarchicalDataParallel(nn.Module):
     def __exit__(self, *exc: object) -> None:
         if exc[0] is None:
             self.close()
+        elif self._clock is not None:  # an error: leave without waiting for the others
+            self._clock.close()
+            self._clock = None
 
 
 def _layout(ranks_per_node: int | None, world: int) -> list[list[int]]:

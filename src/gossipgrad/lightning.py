@@ -19,12 +19,15 @@ fields are keywords (``GossipStrategy(sync=True, wire_dtype=torch.bfloat16)``). 
   saved is rank 0's, as with DDP. Resuming (``fit(ckpt_path=...)``) starts every replica from
   that average; the partner schedule starts again at step 0.
 - The end of ``fit`` averages the replicas, so ``trainer.test`` / ``validate`` / ``predict`` and
-  the module in hand afterwards are that one model. With Fabric, call
-  ``fabric.strategy.data_parallel(model).average_replicas()`` (or save) when training ends.
+  the module in hand afterwards are that one model; the strategy's ``teardown`` then closes the
+  ``GossipDataParallel`` (its hooks on torch and on the module are removed). With Fabric, call
+  ``fabric.strategy.data_parallel(model).average_replicas()`` (or save) when training ends, and
+  ``fabric.strategy.teardown()`` (on every rank) to remove the hooks.
 - Validation during ``fit`` scores each rank's own replica on its share of the data (log with
   ``sync_dist=True`` to average the ranks' figures).
-- Gradient accumulation (``accumulate_grad_batches``, ``fabric.no_backward_sync``) skips the
-  exchange on the accumulating steps, like DDP's ``no_sync``.
+- Gradient accumulation (``accumulate_grad_batches``, ``fabric.no_backward_sync``): the
+  accumulating backwards do not communicate, like DDP's ``no_sync``; the step, and its exchange
+  with the partner, ends at the optimizer's step.
 - Inside ``fit`` the ``DataParallel`` is ``trainer.strategy.model``: e.g. log
   ``consensus_distance()`` from ``on_train_batch_start``. It is a collective: call it on every
   rank, and not in an epoch-end hook, where rank 0's progress bar first syncs the epoch's
@@ -81,6 +84,7 @@ class GossipStrategy(DDPStrategy):
     ) -> None:
         self.options = GossipOptions.build(options, **overrides)
         super().__init__(start_method=start_method, process_group_backend=process_group_backend)
+        self._failure: BaseException | None = None  # what stopped fit, if anything did
 
     def configure_ddp(self) -> None:
         """Wrap the LightningModule (``fit`` only; the other stages run it as it is)."""
@@ -88,7 +92,7 @@ class GossipStrategy(DDPStrategy):
         self.model = GossipDataParallel(self.model, self.options)
 
     def block_backward_sync(self) -> AbstractContextManager[None]:  # type: ignore[override]
-        """Gradient accumulation: the forwards inside do not gossip."""
+        """Gradient accumulation: the backwards inside do not communicate."""
         if isinstance(self.model, GossipDataParallel):
             return self.model.no_sync()
         return nullcontext()
@@ -117,9 +121,18 @@ class GossipStrategy(DDPStrategy):
             self.model.average_replicas()
         super().on_train_end()
 
+    def on_exception(self, exception: BaseException) -> None:
+        self._failure = exception
+        super().on_exception(exception)
+
     def teardown(self) -> None:
+        """Close the ``GossipDataParallel`` (every rank tears down: ``close`` is collective) and
+        unwrap, as ``DDPStrategy`` does for DDP; after an error, leave without waiting for the
+        partners, which may be gone."""
         if isinstance(self.model, GossipDataParallel):
-            self.model = self.lightning_module  # unwrap, as DDPStrategy does for DDP
+            _close(self.model, self._failure)
+            self.model = self.lightning_module
+        self._failure = None
         super().teardown()
 
 
@@ -168,13 +181,23 @@ class GossipFabricStrategy(_FabricDDPStrategy):
         self, module: nn.Module, state_dict: dict[str, Any], strict: bool = True
     ) -> None:
         if isinstance(module, GossipDataParallel):
-            module.flush()  # an exchange still in flight must not be mixed into what is loaded
+            # the exchange sent at the last optimizer step must not be mixed into what is loaded
+            module.flush()
             module = module.module
         super().load_module_state_dict(module, state_dict, strict=strict)
 
+    def teardown(self) -> None:
+        """Close every ``GossipDataParallel`` this strategy set up (collective: call it on every
+        rank; it completes the exchange in flight and removes the hooks), then Fabric's DDP
+        teardown."""
+        for wrapped in self._wrapped:
+            wrapped.close()
+        self._wrapped.clear()
+        super().teardown()
+
 
 class _GossipNoSync(_BackwardSyncControl):
-    """``fabric.no_backward_sync(model)``: the forwards inside do not gossip."""
+    """``fabric.no_backward_sync(model)``: the backwards inside do not communicate."""
 
     def no_backward_sync(self, module: nn.Module, enabled: bool) -> AbstractContextManager[None]:
         if not enabled:
@@ -185,3 +208,12 @@ class _GossipNoSync(_BackwardSyncControl):
                 f"GossipFabricStrategy; got a {type(module).__name__}"
             )
         return module.no_sync()
+
+
+def _close(model: GossipDataParallel, failure: BaseException | None) -> None:
+    """``model.close()``; after ``failure``, leave as ``with model:`` does on an error (the hooks
+    are removed without waiting for the partners)."""
+    if failure is None:
+        model.close()
+    else:
+        model.__exit__(type(failure), failure, failure.__traceback__)

@@ -39,6 +39,16 @@ def test_defaults_are_valid() -> None:
         ({"keep_checkpoints": 0}, "--keep-checkpoints must be >= 1, got 0"),
         ({"eval_every": -1}, "--eval-every must be >= 0, got -1"),
         ({"eval_every": 1.5}, "--eval-every must be int, got 1.5"),
+        (
+            {"algo": "hierarchical", "mode": "gradients"},
+            "--algo hierarchical supports --mode params without --tracking only, got --mode "
+            "gradients: use --algo gossip",
+        ),
+        (
+            {"algo": "hierarchical", "tracking": True},
+            "--algo hierarchical supports --mode params without --tracking only, got --tracking: "
+            "use --algo gossip",
+        ),
     ],
 )
 def test_bad_values_name_the_option(change: dict, message: str) -> None:

@@ -153,15 +153,16 @@ def test_the_stopwatch_starts_at_its_offset_and_stands_still_when_paused() -> No
 
 
 def test_gossip_every_and_int8_cut_the_bytes(tmp_path: Path) -> None:
-    # --gossip-every 4 exchanges at step 4 of 8 (exchange 0 is not sent), plain gossip at steps
-    # 1 to 7; int8 sends 0.26 of float32's bytes.
+    # The exchange of step s leaves at the end of step s - 1, and exchange 0 is never sent: over
+    # 8 steps, --gossip-every 4 sends those of steps 4 and 8, plain gossip those of steps 1 to 8;
+    # int8 sends 0.26 of float32's bytes.
     small = ["--nproc", "2", "--epochs", "1", "--max-steps", "8", "--quiet", "--algo", "gossip"]
     argv = [*small, "--gossip-every", "4", "--wire-dtype", "int8", "--out", str(tmp_path / "few")]
     assert cli.main(["train", *argv]) == 0
     few = json.loads((tmp_path / "few" / "gossip" / "summary.json").read_text())
     plain = run_world(_train, 2, "gossip", str(tmp_path / "plain"), {"epochs": 1, "max_steps": 8})
     ratio = few["bytes_per_rank_per_step"] / plain[0]["bytes_per_rank_per_step"]
-    assert ratio == pytest.approx(1 / 7 * 0.26, rel=0.15), ratio
+    assert ratio == pytest.approx(2 / 8 * 0.26, rel=0.15), ratio
     assert few["config"]["gossip_every"] == 4 and few["preset"] == {"name": "none", "values": {}}
 
 

@@ -198,9 +198,9 @@ class VirtualCluster:
 
     @torch.no_grad()
     def consensus_distance(self) -> float:
-        """``RMS_i ||x_i - mean|| / ||mean||`` over parameters and float buffers, as
-        ``GossipDataParallel.consensus_distance`` (0 when every replica is the same)."""
-        self.flush()
+        """``RMS_i ||x_i - mean|| / ||mean||`` over parameters and float buffers of the replicas
+        as they stand, as ``GossipDataParallel.consensus_distance`` (0 when every replica is the
+        same; the exchanges in flight stay in flight)."""
         flats = torch.stack(
             [torch.cat([t.reshape(-1).double() for t in replica_tensors(r)]) for r in self.replicas]
         )
@@ -221,8 +221,7 @@ class VirtualCluster:
     @torch.no_grad()
     def mean_module(self) -> nn.Module:
         """A new module holding the mean of the replicas (integer buffers from replica 0),
-        leaving the replicas as they are."""
-        self.flush()
+        leaving the replicas and the exchanges in flight as they are (mixing keeps the mean)."""
         out = copy.deepcopy(self.replicas[0])
         for i, t in enumerate(replica_tensors(out)):
             t.copy_(torch.stack([replica_tensors(r)[i] for r in self.replicas]).mean(0))

@@ -339,6 +339,12 @@ class TrainConfig:
         _at_least(self, "ranks_per_node", 0)
         _at_least(self, "average_every", 0)
         _in_range(self, "max_staleness", 0, MAX_STALENESS, upper_open=True)
+        if self.algo == "hierarchical" and (self.mode != "params" or self.tracking):
+            got = "--tracking" if self.mode == "params" else f"--mode {self.mode}"
+            raise ConfigError(
+                f"--algo hierarchical supports --mode params without --tracking only, got {got}: "
+                "use --algo gossip for it"
+            )
         if self.balance and self.algo == "allreduce":
             raise ConfigError(
                 "--balance moves samples in the gossip shuffle, which all-reduce does not use "

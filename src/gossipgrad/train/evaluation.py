@@ -1,6 +1,6 @@
 """Held-out evaluation: a model's loss and accuracy on a dataset shared out over the ranks. To
 evaluate the replicas' exact average during training without changing the replicas, the loop
-writes it into a scratch module first (``DataParallel.average_replicas(into=scratch)``)."""
+writes it into a scratch module first (``TrainingLoop._average_into``)."""
 
 from __future__ import annotations
 

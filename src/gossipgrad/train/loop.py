@@ -10,6 +10,11 @@ the held-out split every ``--eval-every`` epochs, and a checkpoint (``save``) ev
 evaluating, so the ``time`` of every record never counts evaluations. ``finish`` averages the
 replicas exactly, evaluates the average, and (rank 0) writes ``<out>/<algo>/``: ``model.pt`` (a
 ``state_dict``), ``summary.json`` and the end of ``metrics.jsonl``.
+
+Between two steps of gossip an exchange is always in flight: the optimizer's step sends the
+replica, and the next optimizer step mixes the partner's in. The consensus distance and the
+periodic evaluation measure the replicas as they train and leave that exchange in flight, so a
+run does not depend on how often it is measured. Only a checkpoint and ``finish`` complete it.
 """
 
 from __future__ import annotations
@@ -230,9 +235,9 @@ class TrainingLoop:
 
     def evaluate(self) -> None:
         """Held-out loss and accuracy of the replicas' exact average, evaluated in the scratch
-        copy (or in the module itself when the replicas are identical); the replicas are left as
-        they are, and the stopwatch stands still meanwhile (collective)."""
-        self.model.flush()  # the exchange in flight is training time; the next forward waits
+        copy (or in the module itself when the replicas are identical); the replicas, and the
+        exchange in flight, are left as they are, and the stopwatch stands still meanwhile
+        (collective)."""
         started = self.watch.elapsed()
         with self.watch.paused():
             began = time.perf_counter()
@@ -258,7 +263,8 @@ class TrainingLoop:
 
     def finish(self) -> dict[str, Any]:
         """The last exchange, the last checkpoint, the exact average and its evaluation, the
-        summary; rank 0 writes the model and the summary. Returns the summary (every rank)."""
+        summary; rank 0 writes the model and the summary; the wrapper is closed. Returns the
+        summary (every rank)."""
         self.model.flush()  # the last exchange is training time too
         self.progress.elapsed_s = self.watch.elapsed()
         if self.cfg.checkpoint_every and self.last_saved != self.progress.step:
@@ -278,6 +284,9 @@ class TrainingLoop:
                     f"after {summary['train_time_s']:.1f} s -> {self.run_dir / MODEL_FILE}",
                     flush=True,
                 )
+        close = getattr(self.model, "close", None)  # the gossip wrappers: remove their hooks
+        if close is not None:
+            close()
         dist.barrier()
         return summary
 
@@ -337,7 +346,8 @@ class TrainingLoop:
         return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
     def _consensus(self) -> tuple[float, list[int]]:
-        """The consensus distance, ``nan`` when a replica is not finite, and the ranks whose
+        """The consensus distance of the replicas as they train (the exchange in flight is left
+        there: module docstring), ``nan`` when a replica is not finite, and the ranks whose
         replica is not (collective)."""
         distance = self.model.consensus_distance()
         bad = self.nonfinite_ranks()

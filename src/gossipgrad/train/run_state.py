@@ -144,7 +144,7 @@ def check_flags(
 
 def save(loop: TrainingLoop) -> None:
     """Checkpoint ``loop`` at its current step (collective)."""
-    loop.model.flush()  # the exchange in flight belongs to this step
+    loop.model.flush()  # a checkpoint holds no message: mix in what the last step sent
     progress = loop.progress
     state = {
         "run": {**loop.identity, "config": loop.cfg.to_dict()},
