@@ -1,6 +1,7 @@
-"""Checkpoints: every rank's state round-trips, writes are atomic, damage is caught on load,
-loading runs no planted code, torch's failures keep their cause, and a checkpoint of p ranks loads
-on q as the exact average of its replicas."""
+"""Checkpoints: every rank's state round-trips, writes are atomic, damage is caught on load
+(malformed or too deeply nested JSON included: never a traceback), loading runs no planted code,
+torch's failures keep their cause, a failed write fails every rank alike and says the free space,
+and a checkpoint of p ranks loads on q as the exact average of its replicas."""
 
 from __future__ import annotations
 
@@ -221,3 +222,127 @@ def test_load_resharded_averages_the_saved_replicas_for_any_world(tmp_path: Path
         results = run_world(_average_on, world, str(tmp_path))
         assert [r[:2] for r in results] == [[mean, mean]] * world
         assert [r[2] for r in results] == [r % 3 for r in range(world)]  # integers: not averaged
+
+
+class _Usage:
+    """What ``shutil.disk_usage`` answers on a nearly full disk."""
+
+    def __init__(self, free: int) -> None:
+        self.total, self.used, self.free = 2 << 20, (2 << 20) - free, free
+
+
+def test_a_full_disk_is_named_when_torch_only_says_unexpected_pos(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """torch's short write on a full disk (issue 26, case 10): the free space names the cause.
+    The full disk is emulated in-process (the real one: tests/train/test_restart.py)."""
+
+    def short_write(self, plan, planner):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(dcp.FileSystemWriter, "write_data", short_write)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda _path: _Usage(16 << 10))
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.save(tmp_path, 10, _state(10))
+    message = str(info.value)
+    assert message.startswith(
+        f"cannot write checkpoint {str(tmp_path / 'step_00000010')!r}: the disk is full: its "
+        "file system has 16.0 KiB free, and the checkpoint needs about "
+    ), message
+    assert "free space there, keep fewer checkpoints" in message and "\n" not in message
+    assert "(rank 0: RuntimeError: [enforce fail at inline_container.cc:672]" in message
+    assert not list(tmp_path.iterdir())
+
+
+def test_any_other_write_failure_still_says_the_free_space(tmp_path: Path, monkeypatch) -> None:
+    def denied(self, plan, planner):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(dcp.FileSystemWriter, "write_data", denied)
+    with pytest.raises(CheckpointError, match=r": rank 0: PermissionError: .*\(.* free on its"):
+        checkpoint.save(tmp_path, 10, _state(10))
+
+
+def _one_rank_cannot_write(rank: int, world: int, folder: str) -> str:
+    if rank == 1:  # its own JSON fails after DCP's collective write succeeded everywhere
+        written = checkpoint._write_json
+
+        def full(path: Path, obj) -> None:
+            if path.name == "rank1.json":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            written(path, obj)
+
+        checkpoint._write_json = full
+    try:
+        checkpoint.save(folder, 5, {"w": torch.full((4,), float(rank))})
+    except CheckpointError as error:
+        return str(error)
+    return "saved"
+
+
+def test_a_write_failing_on_one_rank_fails_every_rank_alike(tmp_path: Path) -> None:
+    """No rank waits for one that gave up: every rank raises the same error at once."""
+    messages = run_world(_one_rank_cannot_write, 2, str(tmp_path), timeout=60)
+    assert messages[0] == messages[1], messages
+    assert "rank 1: OSError: [Errno 28] No space left on device" in messages[0]
+    assert not list(tmp_path.iterdir())  # nothing half-written is left
+
+
+@pytest.mark.parametrize("depth", [100, 100_000])
+def test_json_nested_too_deep_is_damaged_and_skipped(tmp_path: Path, depth: int) -> None:
+    """Issue 26, case 6: a rank's JSON nested 100,000 deep (manifest recomputed) is a damaged
+    checkpoint, never a RecursionError; so is one deeper than any checkpoint (100)."""
+    older = checkpoint.save(tmp_path, 10, _state(10))
+    newest = checkpoint.save(tmp_path, 20, _state(20))
+    (newest / "rank0.json").write_text("[" * depth + "]" * depth)
+    _rewrite_manifest(newest)
+    said = "nested too deep to read" if depth > 1000 else "nested more than 64 levels deep"
+    with pytest.raises(CheckpointError, match=f"rank0.json' is damaged: {said}"):
+        checkpoint.load(newest)
+    with pytest.warns(RuntimeWarning, match="is damaged"):
+        state, path = checkpoint.load_latest(tmp_path)
+    assert path == older
+    _assert_same(_state(10), state)
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        "[]",
+        '{"files": [], "world_size": 1}',
+        '{"files": {"../../etc/passwd": {"bytes": 1, "sha256": "x"}}, "world_size": 1}',
+        '{"files": {"rank0.json": 3}, "world_size": 1}',
+        '{"files": {}, "world_size": "one"}',
+        "\xff\xfe not utf-8",
+    ],
+)
+def test_a_malformed_manifest_is_named_in_one_line(tmp_path: Path, manifest: str) -> None:
+    path = checkpoint.save(tmp_path, 10, _state(10))
+    (path / checkpoint.MANIFEST).write_bytes(manifest.encode("latin-1"))
+    problem = checkpoint.validate(path)
+    assert problem is not None and "manifest.json" in problem and "\n" not in problem, problem
+    with pytest.raises(CheckpointError, match="manifest.json"):
+        checkpoint.load(path)
+
+
+def _tampered_leaf(path: Path, leaf: dict) -> None:
+    tree = json.loads((path / "rank0.json").read_text())
+    tree["model"]["weight"] = leaf
+    (path / "rank0.json").write_text(json.dumps(tree))
+    _rewrite_manifest(path)
+
+
+@pytest.mark.parametrize(
+    "leaf",
+    [
+        {"__tensor__": "rank0/model/weight", "shape": "two", "dtype": "float32"},
+        {"__tensor__": "rank0/model/weight", "shape": [2, 3], "dtype": "os.system"},
+        {"__ndarray__": "rank0/model/weight", "shape": [2, 3], "dtype": "float32"},
+        {"__items__": [[["a list as a key"], 1]]},
+    ],
+)
+def test_a_malformed_tensor_entry_is_damage_not_a_traceback(tmp_path: Path, leaf: dict) -> None:
+    path = checkpoint.save(tmp_path, 10, _state(10))
+    _tampered_leaf(path, leaf)
+    with pytest.raises(CheckpointError, match="is damaged|not a dtype"):
+        checkpoint.load(path)

@@ -47,12 +47,14 @@ from gossipgrad.errors import NonFiniteError, PeerError
 from gossipgrad.mixing import (
     Bucket,
     delayed_weight,
+    difference,
     encode_,
     is_finite,
     make_buckets,
     mix_,
     mix_residual_,
     pack_,
+    views,
 )
 from gossipgrad.options import GossipOptions
 from gossipgrad.schedule import Exchange, plan
@@ -161,6 +163,7 @@ class _Pending:
     ex: Exchange
     buckets: list[Bucket]
     layout: Layout
+    differences: list[torch.Tensor] | None = None  # resumed: ``s - r`` per bucket, received
 
 
 class StepEngine:
@@ -352,6 +355,9 @@ class StepEngine:
         ex = pending.ex
         tensors = self.mixed_tensors()
         same = _layout_of(tensors) == pending.layout
+        if pending.differences is not None:
+            self._mix_resumed(pending, self._delta if into_delta else tensors)
+            return
         if into_delta and same:
             if self._delta is None:
                 self._delta = [torch.zeros_like(t) for t in tensors]
@@ -367,6 +373,22 @@ class StepEngine:
                 self._nonfinite(what, ex.recv_from, pending.index)
         if same:  # else the buffers go: the next exchange makes new ones (``_relayout``)
             self._free.append(pending.buckets)
+
+    @torch.no_grad()
+    def _mix_resumed(self, pending: _Pending, tensors: list[torch.Tensor] | None) -> None:
+        """Mix an exchange resumed from a checkpoint (its differences were saved per bucket of
+        the same layout)."""
+        if pending.ex.recv_from is None or not pending.differences:
+            return
+        if tensors is None:  # into a delta that does not exist yet
+            self._delta = tensors = [torch.zeros_like(t) for t in self.mixed_tensors()]
+        weight = delayed_weight(pending.ex.weight, self.options.max_staleness)
+        for b, diff in zip(self.buckets, pending.differences, strict=True):
+            own = [tensors[i] for i in b.indices]
+            if not is_finite(diff):
+                self._nonfinite("received", pending.ex.recv_from, pending.index)
+                continue
+            torch._foreach_add_(own, views(diff.to(own[0].dtype), own), alpha=-weight)
 
     def _wait(self, wire: Wire) -> None:
         began = time.perf_counter()
@@ -452,9 +474,19 @@ class StepEngine:
     # --- state ----------------------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        """What a checkpoint needs to resume exactly (after ``flush``): the step and what the
-        schedule depends on, and with tracking, the trackers and last gradients."""
+        """What a checkpoint needs to resume exactly: the step and what the schedule depends on,
+        the gradient exchanges made (gradients mode: they pick the partners), and with tracking
+        the trackers and last gradients; and the exchanges in flight, waited for but not mixed
+        (their differences ``s - r``), and the delta of a skipped step, so that a checkpoint
+        changes nothing in the run it is taken from."""
         out = schedule_state(self.step, self.options)
+        out["world_size"] = self.world_size
+        out["due"] = self._due
+        out["in_flight"] = [self._saved(pending) for pending in self._pending]
+        if self._delta is not None:
+            out["delta"] = [t.detach().cpu().clone() for t in self._delta]
+        if self.options.mode == "gradients":
+            out["grad_exchanges"] = self._grad_exchanges
         if self._trackers:
             out["trackers"] = [t.detach().cpu().clone() for t in self._trackers]
             out["last_grads"] = [t.detach().cpu().clone() for t in self._last_grads]
@@ -462,17 +494,62 @@ class StepEngine:
 
     @torch.no_grad()
     def load_state(self, state: dict[str, Any]) -> None:
+        """Resume from ``state()``. Trackers saved without tracking on now are dropped; tracking
+        turned on at a resume starts from zero trackers, as a fresh run does."""
         self.step = load_schedule_state(state, self.options)
+        self._grad_exchanges = int(state.get("grad_exchanges", self.step))
         for name, mine in (("trackers", self._trackers), ("last_grads", self._last_grads)):
             saved = state.get(name)
-            if saved is not None and mine:
-                if len(saved) != len(mine):
-                    raise ValueError(
-                        f"checkpoint holds {len(saved)} gradient trackers but this model tracks "
-                        f"{len(mine)} parameters: resume the same model with tracking on"
-                    )
-                moved = [t.to(m.device) for t, m in zip(saved, mine, strict=True)]
-                torch._foreach_copy_(mine, moved)
+            if saved is None or not mine:
+                continue
+            _check_trackers(saved, mine)
+            moved = [t.to(device=m.device, dtype=m.dtype) for t, m in zip(saved, mine, strict=True)]
+            torch._foreach_copy_(mine, moved)
+        self._resume_in_flight(state)
+
+    def _saved(self, pending: _Pending) -> dict[str, Any]:
+        """Exchange ``pending``, waited for: its plan and, per bucket, ``s - r`` in the
+        replica's dtype (what its mix adds, times ``-w``)."""
+        for wire in pending.wires:
+            self._wait(wire)
+        ex, tensors = pending.ex, self.mixed_tensors()
+        differences = pending.differences or []
+        if pending.differences is None and ex.recv_from is not None:
+            differences = [
+                difference(b.send, b.recv, tensors[b.indices[0]].dtype, sum(b.numels)).cpu()
+                for b in pending.buckets
+            ]
+        return {
+            "index": pending.index,
+            "send_to": -1 if ex.send_to is None else ex.send_to,
+            "recv_from": -1 if ex.recv_from is None else ex.recv_from,
+            "weight": ex.weight,
+            "differences": differences,
+        }
+
+    def _resume_in_flight(self, state: dict[str, Any]) -> None:
+        """The exchanges in flight and the delta of a saved state, on the same ranks; resumed on
+        another number of ranks they are dropped (their mixes sum to zero over the ranks, so the
+        mean they would have kept is kept)."""
+        self._pending.clear()
+        self._delta = None
+        if int(state.get("world_size", self.world_size)) != self.world_size:
+            return
+        self._due = int(state.get("due", self._due))
+        device = self._layout[0][2] if self._layout else torch.device("cpu")
+        for saved in state.get("in_flight", []):
+            ex = Exchange(
+                None if saved["send_to"] < 0 else int(saved["send_to"]),
+                None if saved["recv_from"] < 0 else int(saved["recv_from"]),
+                float(saved["weight"]),
+            )
+            differences = [d.to(device) for d in saved["differences"]]
+            self._pending.append(
+                _Pending(int(saved["index"]), [], ex, [], self._layout, differences)
+            )
+        if state.get("delta") is not None:
+            here = self.mixed_tensors()
+            self._delta = [d.to(t.device) for d, t in zip(state["delta"], here, strict=True)]
 
     # --- errors ----------------------------------------------------------------------------------
 
@@ -515,6 +592,22 @@ def load_schedule_state(state: dict[str, Any], options: GossipOptions) -> int:
                 f"{key}={mine!r}: resume with the same {key}"
             )
     return int(state["step"])
+
+
+def _check_trackers(saved: Sequence[torch.Tensor], mine: Sequence[torch.Tensor]) -> None:
+    """Refuse saved trackers that are not one per tracked parameter, of its shape."""
+    pairs = zip(saved, mine, strict=False)
+    differ = next((i for i, (s, m) in enumerate(pairs) if s.shape != m.shape), None)
+    if len(saved) == len(mine) and differ is None:
+        return
+    where = ""
+    if differ is not None:
+        shapes = tuple(saved[differ].shape), tuple(mine[differ].shape)
+        where = f" (#{differ}: {shapes[0]} saved, {shapes[1]} here)"
+    raise ValueError(
+        f"checkpoint holds gradient trackers for {len(saved)} parameters that do not fit this "
+        f"model's {len(mine)} tracked parameters{where}: resume the same model"
+    )
 
 
 def _layout_of(tensors: Sequence[torch.Tensor]) -> Layout:

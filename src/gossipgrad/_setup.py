@@ -1,13 +1,15 @@
 """What every wrapper checks and builds when it wraps a module: torch.distributed is ready, the
 module sits on one device that matches the backend (and DDP's ``device_ids``), every rank holds
-the same architecture, DDP's constructor keywords are understood, and extra connections.
+the same architecture and was given the same options (one gather for both), DDP's constructor
+keywords are understood, and extra connections.
 """
 
 from __future__ import annotations
 
 import inspect
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import fields
 from datetime import timedelta
 from typing import Any
 
@@ -16,7 +18,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gossipgrad.collectives import gather_object
+from gossipgrad.collectives import arrive, gather_object
+from gossipgrad.options import GossipOptions
 
 # DDP's constructor keywords (torch's own signature), which the gossip wrappers accept so that a
 # DDP script switches by changing the class name (see ``ddp_keywords``); ``process_group`` and
@@ -26,6 +29,20 @@ DDP_KEYWORDS = frozenset(inspect.signature(DistributedDataParallel.__init__).par
     "module",
     "process_group",
     "bucket_cap_mb",
+}
+
+# Options that may differ between ranks: ``timeout`` is how long this rank waits for the others
+# before naming them; no message, buffer, schedule or arithmetic depends on it, and a rank on a
+# slower host (or one that compiles its first step) may need longer. Every other option decides
+# what is sent, when, to whom, in which layout, or how it is mixed: ranks that differ there wait
+# for messages that never come, or mix mismatched payloads, so they must agree.
+MAY_DIFFER: frozenset[str] = frozenset({"timeout"})
+# DDP keywords that name this rank's own device, different on every rank by nature
+_PER_RANK_KEYWORDS = frozenset({"device_ids", "output_device"})
+_DDP_DEFAULTS = {
+    name: p.default
+    for name, p in inspect.signature(DistributedDataParallel.__init__).parameters.items()
+    if p.default is not inspect.Parameter.empty
 }
 
 
@@ -80,14 +97,104 @@ def check_device(module: nn.Module, group: dist.ProcessGroup) -> None:
         )
 
 
-def check_same_model(module: nn.Module, group: dist.ProcessGroup, timeout: timedelta) -> None:
-    """Every rank must hold the same architecture: same tensors, shapes and dtypes."""
+def settings(options: GossipOptions, keywords: dict[str, Any] | None = None) -> dict[str, str]:
+    """What every rank must be given alike, as printable values: every engine option (the
+    schedule's inputs among them: ``schedule``, ``seed``, ``gossip_every``, ``max_staleness``)
+    but those in ``MAY_DIFFER``, and DDP's keywords ``keywords`` (``ddp_settings``)."""
+    mine = {f.name: _shown(getattr(options, f.name)) for f in fields(options)}
+    mine |= {name: _shown(value) for name, value in (keywords or {}).items()}
+    return {k: v for k, v in mine.items() if k not in MAY_DIFFER}
+
+
+def ddp_settings(keywords: dict[str, Any], names: Sequence[str] | None = None) -> dict[str, Any]:
+    """DDP's keywords ``names`` (default: all but those naming this rank's device) as given,
+    or DDP's defaults where not given, so that leaving one out equals passing its default."""
+    names = names if names is not None else sorted(DDP_KEYWORDS - _PER_RANK_KEYWORDS)
+    return {n: keywords.get(n, _DDP_DEFAULTS.get(n)) for n in names}
+
+
+def _shown(value: Any) -> str:
+    """A value as compared across ranks: plain values by ``repr`` (a whole float as an int:
+    ``25.0`` equals ``25``), others by type (a repr with an address differs on every rank)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return repr(int(value))
+    plain = value is None or isinstance(value, (bool, int, float, str, torch.dtype, timedelta))
+    return repr(value) if plain else type(value).__name__
+
+
+def check_same_settings(everyone: Sequence[dict[str, str]]) -> None:
+    """Raise ``ValueError`` naming every setting whose value differs across ranks, with each
+    value and the ranks that have it (``everyone[r]``: group rank ``r``'s ``settings``)."""
+    names = sorted({k for mine in everyone for k in mine}, key=_field_order)
+    seen = {k: [mine.get(k, "(not given)") for mine in everyone] for k in names}
+    differ = {k: values for k, values in seen.items() if len(set(values)) > 1}
+    if not differ:
+        return
+    detail = "; ".join(f"{k}: {_by_value(values)}" for k, values in differ.items())
+    raise ValueError(
+        f"the ranks were given different options ({detail}): every rank must wrap with the same "
+        f"options (only {', '.join(sorted(MAY_DIFFER))} may differ); give every rank the same "
+        "arguments, flags or config file"
+    )
+
+
+def _field_order(name: str) -> tuple[int, str]:
+    order = GossipOptions.names()
+    return (order.index(name), "") if name in order else (len(order), name)
+
+
+def _by_value(values: Sequence[str]) -> str:
+    """``1 on ranks 0 and 2-3, 4 on rank 1``: each value and the ranks that have it."""
+    ranks: dict[str, list[int]] = {}
+    for r, value in enumerate(values):
+        ranks.setdefault(value, []).append(r)
+    return ", ".join(f"{value} on {_ranks_text(rs)}" for value, rs in ranks.items())
+
+
+def _ranks_text(ranks: list[int]) -> str:
+    spans: list[str] = []
+    start = prev = ranks[0]
+    for r in [*ranks[1:], None]:
+        if r is not None and r == prev + 1:
+            prev = r
+            continue
+        spans.append(str(start) if start == prev else f"{start}-{prev}")
+        if r is not None:
+            start = prev = r
+    if len(ranks) == 1:
+        return f"rank {spans[0]}"
+    listed = spans[0] if len(spans) == 1 else f"{', '.join(spans[:-1])} and {spans[-1]}"
+    return f"ranks {listed}"
+
+
+def check_same_setup(
+    module: nn.Module,
+    group: dist.ProcessGroup,
+    timeout: timedelta,
+    options: dict[str, str] | None = None,
+) -> None:
+    """Every rank must hold the same architecture (same tensors, shapes and dtypes) and, with
+    ``options`` (``settings(...)``), have been given the same options: one gather for both."""
     world = dist.get_world_size(group)
     if world == 1:
         return
-    mine = [(n, tuple(t.shape), str(t.dtype)) for n, t in module.named_parameters()]
-    mine += [(n, tuple(t.shape), str(t.dtype)) for n, t in module.named_buffers()]
+    mine = (_architecture(module), options or {})
     everyone = gather_object(mine, group, world, timeout)
+    check_same_settings([theirs for _, theirs in everyone])
+    _check_architectures([theirs for theirs, _ in everyone])
+
+
+def check_same_model(module: nn.Module, group: dist.ProcessGroup, timeout: timedelta) -> None:
+    """Every rank must hold the same architecture: same tensors, shapes and dtypes."""
+    check_same_setup(module, group, timeout)
+
+
+def _architecture(module: nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
+    mine = [(n, tuple(t.shape), str(t.dtype)) for n, t in module.named_parameters()]
+    return mine + [(n, tuple(t.shape), str(t.dtype)) for n, t in module.named_buffers()]
+
+
+def _check_architectures(everyone: list[list[tuple[str, tuple[int, ...], str]]]) -> None:
     ref = everyone[0]
     for r, theirs in enumerate(everyone):
         if theirs == ref:
@@ -103,10 +210,14 @@ def check_same_model(module: nn.Module, group: dist.ProcessGroup, timeout: timed
         )
 
 
-def extra_groups(group: dist.ProcessGroup, streams: int) -> list[dist.ProcessGroup] | None:
-    """``streams`` groups over the same ranks (the first is ``group``); collective."""
+def extra_groups(
+    group: dist.ProcessGroup, streams: int, timeout: timedelta | None = None
+) -> list[dist.ProcessGroup] | None:
+    """``streams`` groups over the same ranks (the first is ``group``); collective (every rank
+    of the world creates them), after the group's ranks arrived (``arrive``)."""
     if streams == 1 or dist.get_world_size(group) == 1:
         return None
+    arrive(group, timeout, "wrapping the model (the extra streams' groups)")
     ranks = dist.get_process_group_ranks(group)
     return [group] + [dist.new_group(ranks) for _ in range(streams - 1)]
 

@@ -1,17 +1,20 @@
 """The collectives gossipgrad uses, never inside a training step: how far apart the replicas
 are (consensus distance, every N steps), their exact average (at the end, or on request), the
-broadcast from rank 0 when wrapping, and the checks that every rank agrees on its setup.
+broadcast from rank 0 when wrapping, the checks that every rank agrees on its setup, and the
+training job's own (``all_reduce_``, ``barrier``, ``broadcast_object``).
 
 Each takes an optional ``timeout``: on gloo, every rank first meets the others in torch's
-``monitored_barrier``, so a rank that never calls the collective makes the others raise
-``PeerError`` within that timeout, naming it, instead of waiting for the process group's own
-timeout (30 minutes by default). NCCL has its own watchdog and is not monitored here.
+``monitored_barrier`` (``arrive``), so a rank that never calls the collective (stopped, hung,
+dead, or its code elsewhere) makes the others raise ``PeerError`` within that timeout, naming
+it, instead of gloo's "Timed out waiting for recv" after the process group's own timeout (30
+minutes by default), which names no rank. NCCL has its own watchdog and is not monitored here.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import time
 import zlib
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
@@ -28,22 +31,93 @@ def arrive(group: dist.ProcessGroup | None, timeout: timedelta | None, what: str
     """Wait until every rank of ``group`` reaches this point (``what``, for the message); raise
     ``PeerError`` naming the ranks that did not within ``timeout``. No-op without a timeout, in a
     world of one, or on a backend other than gloo."""
-    if timeout is None or dist.get_world_size(group) == 1:
-        return
-    if "gloo" not in str(dist.get_backend(group)):
+    if not _monitored(group, timeout):
         return
     try:
         dist.monitored_barrier(group=group, timeout=timeout, wait_all_ranks=True)
     except RuntimeError as exc:
-        rank = dist.get_rank(group)
-        missing = _missing_ranks(str(exc))
-        who = f"rank(s) {missing}" if missing else "rank 0 (which checks who arrived)"
-        raise PeerError(
-            f"rank {rank}: {who} did not reach {what} within {timeout.total_seconds():g} s. "
-            f"Fix: {what} is collective, call it on every rank at the same point of the loop "
-            "(or check that those ranks are alive)",
-            missing[0] if missing else 0,
-        ) from exc
+        raise _absent(exc, group, timeout, what) from exc  # type: ignore[arg-type]
+
+
+def _monitored(group: dist.ProcessGroup | None, timeout: timedelta | None) -> bool:
+    """Whether ``arrive`` meets the others: a timeout, more than one rank, gloo."""
+    if timeout is None or dist.get_world_size(group) == 1:
+        return False
+    return "gloo" in str(dist.get_backend(group))
+
+
+def _absent(
+    exc: RuntimeError, group: dist.ProcessGroup | None, timeout: timedelta, what: str
+) -> PeerError:
+    """The ``PeerError`` for a ``monitored_barrier`` that failed: group rank 0 knows who did not
+    arrive; the others learn it from the job's first recorded loss (``_engine._first_loss``),
+    or name rank 0, which stopped answering them."""
+    missing = _missing_ranks(str(exc))
+    return _absence(dist.get_rank(group), missing, what, timeout, checker_lost=not missing)
+
+
+def _absence(
+    rank: int, missing: list[int], what: str, timeout: timedelta, checker_lost: bool = False
+) -> PeerError:
+    """``PeerError``: ``missing`` (else rank 0, the checker) did not reach ``what``; with the
+    job's first recorded loss when it was another (``_engine._first_loss``)."""
+    from gossipgrad._engine import _first_loss  # not at import: _engine is heavier
+
+    who = "rank 0 (which checks who arrived)" if checker_lost else _ranks_named(missing)
+    missing = missing or [0]
+    them = _ranks_named(missing)
+    message = (
+        f"rank {rank}: {who} did not reach {what} within {timeout.total_seconds():g} s. "
+        f"Fix: check that {them} {'are' if len(missing) > 1 else 'is'} alive and not stopped "
+        "(SIGSTOP, a debugger) and that every rank reaches it at the same point; raise the "
+        "timeout (timeout=... / --timeout-s) if a rank is legitimately that slow"
+    )
+    noted = _first_loss(PeerError(message, missing[0]), rank, what)
+    ours = f" [first loss in this job: rank {missing[0]}, seen by rank {rank} at {what}]"
+    return PeerError(message if noted == message + ours else noted, missing[0])
+
+
+# gloo's message for a collective that timed out, which names no rank
+_TIMED_OUT = re.compile(r"Timed out waiting \d+ ?ms for (recv|send)", re.IGNORECASE)
+_PRESENT = "gossipgrad/present"
+
+
+def name_the_absent(
+    error: BaseException, timeout: timedelta, what: str, grace: timedelta = timedelta(seconds=3)
+) -> PeerError | None:
+    """For a collective of the default group that gloo timed out without naming a rank (one not
+    behind ``arrive``: DDP's all-reduce, a checkpoint's): the ranks that timed out note
+    themselves in the job's store and wait ``grace`` for each other; the ``PeerError`` names
+    those that never did (stopped, hung, or computing elsewhere). None if ``error`` is not
+    such a timeout, if every rank came (the timeout was too short), or if the store is gone."""
+    if isinstance(error, PeerError) or not _TIMED_OUT.search(str(error)):
+        return None
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        present = _roll_call(dist.distributed_c10d._get_default_store(), rank, world, grace)
+    except Exception:  # noqa: BLE001 - the store may be gone with the job: gloo's error stands
+        return None
+    missing = [r for r in range(world) if r not in present]
+    return _absence(rank, missing, what, timeout) if missing else None
+
+
+def _roll_call(store: dist.Store, rank: int, world: int, grace: timedelta) -> set[int]:
+    """Note this rank as present, wait up to ``grace`` for every rank; the ranks present."""
+    previous = store.timeout
+    store.set_timeout(grace)
+    try:
+        keys = [f"{_PRESENT}/{r}" for r in range(world)]
+        store.set(keys[rank], "1")
+        deadline = time.monotonic() + grace.total_seconds()
+        while not store.check(keys) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return {r for r, key in enumerate(keys) if store.check([key])}
+    finally:
+        store.set_timeout(previous)
+
+
+def _ranks_named(ranks: Sequence[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
 
 
 def _missing_ranks(message: str) -> list[int]:
@@ -155,16 +229,69 @@ def agree(
     world_size: int,
     mine: dict[str, int],
     fixes: dict[str, str],
+    timeout: timedelta | None = None,
 ) -> dict[str, list[int]]:
     """Every rank's ``mine`` values by key (one ``all_gather_object``). Raises ``ValueError`` if
-    a key's values differ across ranks, with the fix from ``fixes`` (``""``: may differ)."""
-    everyone = gather_object(mine, group, world_size)
+    a key's values differ across ranks, with the fix from ``fixes`` (``""``: may differ).
+    ``timeout`` defaults to the group's own (a rank that never comes is named, see ``arrive``).
+    """
+    timeout = timeout if timeout is not None else group_timeout(group)
+    everyone = gather_object(mine, group, world_size, timeout, "the sampler's setup check")
     table = {key: [int(v[key]) for v in everyone] for key in mine}
     for key, seen in table.items():
         fix = fixes.get(key, f"pass the same {key} on every rank")
         if fix and len(set(seen)) > 1:
             raise ValueError(f"{key} differs across ranks ({seen}, by rank): {fix}")
     return table
+
+
+def group_timeout(group: dist.ProcessGroup | None) -> timedelta | None:
+    """The timeout ``group`` was created with (``init_process_group(timeout=...)``), or None
+    where torch does not tell it (its backend's options are private API)."""
+    try:
+        pg = group if group is not None else dist.group.WORLD
+        backend = pg._get_backend(torch.device("cpu"))  # type: ignore[union-attr]
+        timeout = backend.options._timeout
+    except (AttributeError, RuntimeError, TypeError, ValueError):
+        return None
+    return timeout if isinstance(timeout, timedelta) and timeout.total_seconds() > 0 else None
+
+
+# --- the training job's collectives, each behind ``arrive`` -------------------------------------
+
+
+def all_reduce_(
+    tensor: torch.Tensor, group: dist.ProcessGroup | None, timeout: timedelta | None, what: str
+) -> None:
+    """``dist.all_reduce`` (a sum, in place), after every rank arrived (``arrive``)."""
+    if dist.get_world_size(group) == 1:
+        return
+    arrive(group, timeout, what)
+    dist.all_reduce(tensor, group=group)
+
+
+def barrier(group: dist.ProcessGroup | None, timeout: timedelta | None, what: str) -> None:
+    """Every rank of ``group`` waits here for the others; with a timeout on gloo the
+    ``monitored_barrier`` of ``arrive`` is the barrier, naming a rank that never comes."""
+    if dist.get_world_size(group) == 1:
+        return
+    if _monitored(group, timeout):
+        arrive(group, timeout, what)
+    else:
+        dist.barrier(group=group)
+
+
+def broadcast_object(
+    value: Any, group: dist.ProcessGroup | None, timeout: timedelta | None, what: str
+) -> Any:
+    """Group rank 0's ``value`` (picklable), on every rank, after every rank arrived."""
+    if dist.get_world_size(group) == 1:
+        return value
+    arrive(group, timeout, what)
+    box = [value]
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
 
 
 def crc(parts: Iterable[bytes]) -> int:

@@ -110,7 +110,9 @@ class GossipDataParallel(nn.Module, Joinable):
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
         _setup.check_device(module, self.group)
-        _setup.check_same_model(module, self.group, o.timeout)
+        # one gather: the same architecture and the same options (and DDP keywords) everywhere
+        agreed = _setup.settings(o, _setup.ddp_settings(ddp, ("broadcast_buffers", "init_sync")))
+        _setup.check_same_setup(module, self.group, o.timeout, agreed)
         self._constants = constant_buffers(module)
         # broadcast_buffers=False: buffers are not mixed while training (they stay local, as
         # DDP's do) but still averaged at the end, so that one model is exported
@@ -126,7 +128,7 @@ class GossipDataParallel(nn.Module, Joinable):
             o,
             self.rank,
             self.world_size,
-            GroupTransport(self.group, _setup.extra_groups(self.group, o.streams)),
+            GroupTransport(self.group, _setup.extra_groups(self.group, o.streams, o.timeout)),
             tracked=tracked_parameters(module),
         )
         # float32-or-wider scratch for the collectives (the gossip buffers may be compressed)
@@ -285,7 +287,10 @@ class GossipDataParallel(nn.Module, Joinable):
 
     def gossip_state(self) -> dict[str, Any]:
         """What a checkpoint needs to resume exactly: the step, what the schedule depends on,
-        and with tracking the trackers (call after ``flush``)."""
+        the trackers, and the exchange in flight, waited for but not mixed, so that taking a
+        checkpoint changes nothing in the run (collective: every rank calls it at the same
+        point, between steps)."""
+        self._catch_up()
         return self._engine.state()
 
     def load_gossip_state(self, state: dict[str, Any]) -> None:

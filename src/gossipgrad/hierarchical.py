@@ -38,6 +38,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -111,7 +112,9 @@ class HierarchicalDataParallel(nn.Module):
         self.module = module
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        self.nodes = _layout(ranks_per_node, self.world_size)
+        # one gather over the world: the node layout, and the same options everywhere
+        agreed = _setup.settings(o, _setup.ddp_settings(ddp_options))
+        self.nodes = _layout(ranks_per_node, self.world_size, agreed, o.timeout)
         self.node = next(i for i, ranks in enumerate(self.nodes) if self.rank in ranks)
         self.is_leader = self.rank == self.nodes[self.node][0]
         # Every rank creates every group, in the same order (torch.distributed's rule).
@@ -281,7 +284,8 @@ class HierarchicalDataParallel(nn.Module):
 
     def gossip_state(self) -> dict[str, Any]:
         """What a checkpoint needs to resume the schedule exactly (the same keys as
-        ``GossipDataParallel``'s)."""
+        ``GossipDataParallel``'s). It completes the exchange in flight first (collective)."""
+        self.flush()
         return schedule_state(self.step, self.options)
 
     def load_gossip_state(self, state: dict[str, Any]) -> None:
@@ -313,16 +317,20 @@ class HierarchicalDataParallel(nn.Module):
             self._clock = None
 
 
-def _layout(ranks_per_node: int | None, world: int) -> list[list[int]]:
-    """Each node's global ranks, in node order (collective over the world)."""
+def _layout(
+    ranks_per_node: int | None, world: int, agreed: dict[str, str], timeout: timedelta
+) -> list[list[int]]:
+    """Each node's global ranks, in node order (collective over the world); every rank must have
+    been given the same ``agreed`` settings (``_setup.settings``)."""
     torchrun = "GROUP_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", world)) == world
-    mine = (ranks_per_node, tuple(int(os.environ[k]) for k in _ENV) if torchrun else None)
-    everyone = gather_object(mine, None, world, what="wrapping the model (the node layout)")
+    mine = (ranks_per_node, tuple(int(os.environ[k]) for k in _ENV) if torchrun else None, agreed)
+    everyone = gather_object(mine, None, world, timeout, "wrapping the model (the node layout)")
     if any(e[0] != ranks_per_node for e in everyone):
         raise ValueError(
             f"ranks disagree on ranks_per_node ({[e[0] for e in everyone]}): pass the same value "
             "on every rank"
         )
+    _setup.check_same_settings([e[2] for e in everyone])
     if ranks_per_node is None:
         if any(e[1] is None for e in everyone):
             raise ValueError(

@@ -232,6 +232,17 @@ def mix_residual_(
     return True
 
 
+@torch.no_grad()
+def difference(
+    sent: torch.Tensor, received: torch.Tensor, dtype: torch.dtype, numel: int
+) -> torch.Tensor:
+    """A new tensor ``s - r`` in ``dtype`` (``numel`` elements), decoded as ``mix_residual_``
+    decodes them, leaving both buffers as they are (to save an exchange in flight)."""
+    if sent.dtype == torch.int8:
+        return _quantize.decode(sent, numel, dtype).sub_(_quantize.decode(received, numel, dtype))
+    return sent.to(dtype, copy=True).sub_(received.to(dtype))
+
+
 # Elements widened at a time by ``_widened_difference`` (1 MiB of float32: stays in cache).
 _WIDEN_CHUNK = 1 << 18
 

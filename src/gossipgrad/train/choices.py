@@ -33,6 +33,9 @@ ENGINE_DEFAULTS: dict[str, object] = {
 }
 
 # --- the job's (gossipgrad.train.data, gossipgrad.train.models) ---------------------------------
+# local worker processes that `gossipgrad train` starts (each a Python process with torch); more
+# ranks run on several machines under torchrun, which ignores --nproc
+MAX_NPROC = 1024
 DATASETS: tuple[str, ...] = ("digits", "pytext", "synthetic-imagenet")
 MODELS: tuple[str, ...] = (
     "mlp",

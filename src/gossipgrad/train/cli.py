@@ -19,7 +19,8 @@ from __future__ import annotations
 import os
 import sys
 
-from gossipgrad.train.config import TrainConfig, load_config
+from gossipgrad.train.config import ConfigError, TrainConfig, check_launch, load_config
+from gossipgrad.train.files import describe
 
 _USAGE = """usage: gossipgrad <command> [options]
 
@@ -51,10 +52,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cfg: TrainConfig) -> int:
-    """``gossipgrad train`` with validated options: checks, then the workers."""
+    """``gossipgrad train`` with validated options: checks, then the workers. The one place
+    where an ``OSError`` about a file (a run folder that cannot be used: ``--out`` names a file,
+    a read-only file system, a name too long, a link planted in it) becomes one line naming the
+    path and why, exit 2."""
+    try:
+        check_launch(cfg)
+    except ConfigError as error:
+        return _error(str(error))
     from gossipgrad.train.launch import train_command  # imports torch
 
-    return train_command(cfg)
+    try:
+        return train_command(cfg)
+    except OSError as error:
+        return _error(describe(error, cfg.out or "runs"))
+
+
+def _error(message: str) -> int:
+    sys.stderr.write(f"gossipgrad: error: {message}\n")
+    return 2
 
 
 def version() -> str:

@@ -32,6 +32,7 @@ from gossipgrad.train.choices import (
     DEVICES,
     ENGINE_DEFAULTS,
     LR_SCHEDULES,
+    MAX_NPROC,
     MAX_STALENESS,
     MAX_STREAMS,
     MODELS,
@@ -41,6 +42,7 @@ from gossipgrad.train.choices import (
     SCHEDULES,
     WIRE,
 )
+from gossipgrad.train.files import DamagedFile, parse_text
 from gossipgrad.train.plugins import import_callable
 
 if TYPE_CHECKING:
@@ -56,6 +58,7 @@ __all__ = [
     "ConfigError",
     "TrainConfig",
     "build_parser",
+    "check_launch",
     "PRESETS",
     "flag",
     "load_config",
@@ -110,7 +113,10 @@ class TrainConfig:
         default="both",
         metadata=_opt("both: one run of each, then a comparison table", choices=ALGOS),
     )
-    nproc: int = field(default=4, metadata=_opt("local worker processes (ignored under torchrun)"))
+    nproc: int = field(
+        default=4,
+        metadata=_opt(f"local worker processes, 1 to {MAX_NPROC} (ignored under torchrun)"),
+    )
     max_restarts: int = field(
         default=0, metadata=_opt("times the launcher restarts failed workers (torch elastic)")
     )
@@ -414,6 +420,16 @@ def load_config(argv: list[str], prog: str = "gossipgrad train") -> TrainConfig:
         raise  # unreachable: parser.error exits
 
 
+def check_launch(cfg: TrainConfig) -> None:
+    """What ``gossipgrad train`` needs besides ``validate`` (torchrun ignores ``--nproc``): at
+    most ``MAX_NPROC`` local workers. Raises ``ConfigError``."""
+    if cfg.nproc > MAX_NPROC:
+        raise ConfigError(
+            f"--nproc must be in [1, {MAX_NPROC}] (worker processes on this machine), got "
+            f"{cfg.nproc}: for more ranks, start workers on several machines with torchrun"
+        )
+
+
 def with_preset(values: dict[str, Any]) -> dict[str, Any]:
     """``values`` (the file's and the command line's) over the values of the preset they name."""
     name = values.get("preset", "none")
@@ -425,18 +441,19 @@ def with_preset(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
-    """The options in a TOML file, as ``TrainConfig`` field names (``-`` read as ``_``)."""
+    """The options in a TOML file, as ``TrainConfig`` field names (``-`` read as ``_``).
+    ``ConfigError`` naming the file if it cannot be read, is not UTF-8 or not valid TOML."""
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover - Python 3.10
         import tomli as tomllib
     try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
+        raw = parse_text(path, tomllib.loads, "TOML")
     except OSError as error:
-        raise ConfigError(f"--config: cannot read {str(path)!r}: {error.strerror}") from None
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"--config: {str(path)!r} is not valid TOML: {error}") from None
+        reason = error.strerror or str(error)
+        raise ConfigError(f"--config: cannot read {str(path)!r}: {reason}") from None
+    except DamagedFile as error:
+        raise ConfigError(f"--config: {error}") from None
     names = {f.name for f in fields(TrainConfig)}
     values: dict[str, Any] = {}
     for key, value in raw.items():

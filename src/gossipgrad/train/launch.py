@@ -13,6 +13,11 @@ naming the rank whose own code failed first (each worker records its failure in 
 store; a rank that only lost its connection to a failed peer records nothing there); SIGTERM
 exits 143 and Ctrl-C 130, without worker tracebacks. The launcher's log folder is removed after a
 successful run and named after a failed one.
+
+A stopped worker (SIGSTOP, a debugger) does not hold the job: its peers name it within
+``--timeout-s``, and when the launcher then ends the workers, the signal it sends (SIGTERM)
+would stay pending on the stopped process until torch elastic's 30 s grace ended in a SIGKILL;
+``_wake_stopped_workers`` sends it SIGCONT, so it ends at once.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -80,7 +86,8 @@ def _train_locked(cfg: TrainConfig, out: Path) -> int:
             ignore_signals(signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
             signum = getattr(error, "sigval", signal.SIGINT)
             how = "interrupted" if signum == signal.SIGINT else f"stopped by {signum.name}"
-            sys.stderr.write(f"gossipgrad: {how} during the {algo} run; see {out}\n")
+            hint = run_state.after_interrupt(cfg, algo)
+            sys.stderr.write(f"gossipgrad: {how} during the {algo} run; see {out}; {hint}\n")
             return 128 + signum
     summary = report.write_report(out)
     print(f"\n{summary['table']}")
@@ -202,7 +209,7 @@ def launch(cfg: TrainConfig) -> dict[str, Any]:
             monitor_interval=0.1,
             logs_specs=DefaultLogsSpecs(log_dir=logs),
         )
-        with _environment(env), _quiet_launcher():
+        with _environment(env), _quiet_launcher(), _wake_stopped_workers():
             try:
                 results = elastic_launch(config, worker)(cfg, False)
             except ChildFailedError as error:
@@ -211,6 +218,79 @@ def launch(cfg: TrainConfig) -> dict[str, Any]:
                 ) from None
     shutil.rmtree(logs, ignore_errors=True)  # kept when the run failed: its error files are there
     return results[0]
+
+
+# The signals that end a worker (the launcher's, torch elastic's), by their bit in the pending
+# masks of /proc/PID/status (bit n - 1 for signal n)
+_ENDING = sum(1 << (s - 1) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT))
+
+
+@contextlib.contextmanager
+def _wake_stopped_workers(period_s: float = 0.25) -> Iterator[None]:
+    """While inside, a thread sends SIGCONT to every child of this process (the workers) that is
+    stopped with a signal pending that ends it, so that it ends now rather than when torch
+    elastic's grace period runs out (Linux: /proc; elsewhere nothing is done)."""
+    if not Path("/proc/self/task").is_dir():
+        yield
+        return
+    done = threading.Event()
+    watch = threading.Thread(
+        target=_wake_loop, args=(done, period_s), name="gossipgrad-wake-stopped", daemon=True
+    )
+    watch.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watch.join()
+
+
+def _wake_loop(done: threading.Event, period_s: float) -> None:
+    me = os.getpid()
+    while not done.wait(period_s):
+        for pid in _stopped_children(me):
+            if _ending_signal_pending(pid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGCONT)
+
+
+def _stopped_children(parent: int) -> list[int]:
+    """The children of ``parent`` in state T (stopped): from /proc/PID/task/*/children where the
+    kernel has it, else from every /proc/*/stat."""
+    listed = list(Path(f"/proc/{parent}/task").glob("*/children"))
+    if listed:
+        pids = []
+        for children in listed:
+            with contextlib.suppress(OSError, ValueError):
+                pids += [int(pid) for pid in children.read_text().split()]
+    else:
+        pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+    return [pid for pid in pids if _state_and_parent(pid) == ("T", parent)]
+
+
+def _state_and_parent(pid: int) -> tuple[str, int] | None:
+    """``(state, parent pid)`` of ``pid`` from /proc/PID/stat, or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        state, parent = stat[stat.rindex(")") + 2 :].split()[:2]  # the name may hold ")"
+        return state, int(parent)
+    except (OSError, ValueError):
+        return None
+
+
+def _ending_signal_pending(pid: int) -> bool:
+    """Whether SIGTERM, SIGINT, SIGHUP or SIGQUIT is pending on process ``pid``."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    pending = 0
+    for line in status.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("SigPnd", "ShdPnd"):
+            with contextlib.suppress(ValueError):
+                pending |= int(value.strip(), 16)
+    return bool(pending & _ENDING)
 
 
 @contextlib.contextmanager

@@ -3,6 +3,11 @@ trains there, so a second run on the same ``--out`` stops at once (``RunBusyErro
 interleaving its metrics and checkpoints with the first. The kernel releases the lock when the
 holder exits, however it exits; the file itself stays (removing it would race with a newcomer).
 Without ``fcntl`` (Windows) there is no lock.
+
+The lock file is never opened through a link: a symbolic or hard link planted at ``out/.lock``
+raises ``files.PlantedLinkError`` (an ``OSError`` naming it), as does any other ``OSError`` about
+the folder (``--out`` names a file, a read-only file system): ``gossipgrad train`` says it in
+one line (``files.describe``).
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+
+from gossipgrad.train.files import open_no_link
 
 try:
     import fcntl
@@ -27,13 +34,14 @@ class RunBusyError(RuntimeError):
 @contextlib.contextmanager
 def run_lock(folder: str | Path) -> Iterator[None]:
     """Hold the run folder ``folder`` (created if missing) for this process; raise
-    ``RunBusyError`` naming the folder and the holder's pid if another process holds it."""
+    ``RunBusyError`` naming the folder and the holder's pid if another process holds it, an
+    ``OSError`` naming the path if the folder or its lock file cannot be used."""
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
     if fcntl is None:  # pragma: no cover
         yield
         return
-    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_no_link(root / LOCK_FILE, os.O_RDWR | os.O_CREAT)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -15,6 +15,13 @@ Between two steps of gossip an exchange is always in flight: the optimizer's ste
 replica, and the next optimizer step mixes the partner's in. The consensus distance and the
 periodic evaluation measure the replicas as they train and leave that exchange in flight, so a
 run does not depend on how often it is measured. Only a checkpoint and ``finish`` complete it.
+
+Every collective of the loop is behind ``gossipgrad.collectives.arrive`` with ``--timeout-s``:
+a rank that does not come (stopped, hung or dead) is named by the others within the timeout
+("rank 1 did not reach the metrics record of step 40 within 8 s"), never gloo's "Timed out
+waiting for recv", which names no rank. The collectives made inside torch or other modules
+(DDP's all-reduce, a checkpoint's, an evaluation's) are named after gloo's timeout by a roll
+call in the job's store (``train``: ``collectives.name_the_absent``).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import random
 import sys
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +44,20 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from gossipgrad import DataParallel, NonFiniteError, checkpoint, wrap
+from gossipgrad.collectives import (
+    all_reduce_,
+    arrive,
+    barrier,
+    broadcast_object,
+    name_the_absent,
+)
 from gossipgrad.mixing import constant_buffers, replica_tensors
 from gossipgrad.sampler import BalancedBatchSampler, GossipShuffleSampler
 from gossipgrad.train import report, run_state
 from gossipgrad.train.config import PRESETS, TrainConfig, flag
 from gossipgrad.train.data import load_dataset
 from gossipgrad.train.evaluation import evaluate
+from gossipgrad.train.files import write_atomic
 from gossipgrad.train.metrics import Meter, MetricsLog
 from gossipgrad.train.models import build_model, default_model, task_loss
 from gossipgrad.train.recipe import Recipe
@@ -54,8 +70,19 @@ SUMMARY_FILE = "summary.json"
 
 def train(cfg: TrainConfig, algo: str) -> dict[str, Any]:
     """Train with ``algo`` on the initialised default process group and return the run's summary
-    (the same on every rank). ``cfg.out`` must be set."""
-    return TrainingLoop(cfg, algo).run()
+    (the same on every rank). ``cfg.out`` must be set. A collective that gloo timed out without
+    naming a rank (DDP's all-reduce, a checkpoint's, an evaluation's) raises ``PeerError``
+    naming the ranks that never came (``collectives.name_the_absent``)."""
+    loop = None
+    try:
+        loop = TrainingLoop(cfg, algo)
+        return loop.run()
+    except RuntimeError as error:
+        where = "a collective of the setup" if loop is None else loop.where()
+        absent = name_the_absent(error, timedelta(seconds=cfg.timeout_s), where)
+        if absent is None:
+            raise
+        raise absent from error
 
 
 class Stopwatch:
@@ -89,12 +116,14 @@ class TrainingLoop:
     resumed: run_state.Resumed | None
     recipe: Recipe
     saved_recipe: dict[str, Any] | None = None  # the checkpoint's, until the recipe is built
+    finishing = False  # in finish(): the end of the run
 
     def __init__(self, cfg: TrainConfig, algo: str) -> None:
         """Setup (collective): the data, the model and its wrapper, the optimizer and sampler,
         then what ``--resume`` names."""
         self.cfg, self.algo = cfg, algo
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.timeout = timedelta(seconds=cfg.timeout_s)  # of every collective (module docstring)
         self.run_dir = Path(cfg.out) / algo
         self.checkpoints = self.run_dir / "checkpoints"
         self._prepare_folder()
@@ -118,7 +147,11 @@ class TrainingLoop:
         self.sampler = make_sampler(cfg, self.algo, self.train_set)
         self.batches = self._balanced_batches()
         if self.batches is not None:  # --balance: per-rank batch sizes, same steps everywhere
-            self.loader = DataLoader(self.train_set, batch_sampler=self.batches)
+            self.loader = DataLoader(
+                self.train_set,
+                batch_sampler=self.batches,
+                generator=torch.Generator(),  # leaves the global RNG alone (exact resume)
+            )
         else:
             self.loader = DataLoader(
                 self.train_set,
@@ -153,6 +186,8 @@ class TrainingLoop:
         """Load what ``--resume`` names, start the stopwatch where it stopped, and work out the
         step to stop at."""
         self.progress = Progress(meter=Meter(self.device))
+        if self.cfg.resume:
+            self._arrive("loading the checkpoint to resume from")
         self.resumed = run_state.resume(self)
         apply_optimizer_settings(self.cfg, self.optimizer)  # the flags win over the checkpoint
         self.recipe = Recipe(self.cfg, self.optimizer, self.device, self.steps_per_epoch)
@@ -193,6 +228,7 @@ class TrainingLoop:
             busy = time.perf_counter() - began - (self._wait_time_s() - waited)
             self.sampler.report_speed(len(y), max(busy, 1e-9))  # type: ignore[attr-defined]
         self.progress.step += 1
+        self.progress.samples += len(y)
         self.progress.bytes_sent += self.model.bytes_sent_last_step
         self.progress.meter.add(loss, output, y)
         if self.log is not None:
@@ -214,6 +250,7 @@ class TrainingLoop:
         """One metrics record: the loss and accuracy since the last one over all ranks, the
         consensus distance if due, samples per second (collective)."""
         progress = self.progress
+        self._arrive(f"the metrics record of step {progress.step}")
         totals = progress.meter.reduce()
         now = self.watch.elapsed()
         entry = {
@@ -258,6 +295,7 @@ class TrainingLoop:
     def save(self) -> None:
         """A checkpoint of every replica and of the run's progress (collective)."""
         self.progress.elapsed_s = self.watch.elapsed()
+        self._arrive(f"the checkpoint of step {self.progress.step}")
         run_state.save(self)
         self.last_saved = self.progress.step
 
@@ -265,9 +303,11 @@ class TrainingLoop:
         """The last exchange, the last checkpoint, the exact average and its evaluation, the
         summary; rank 0 writes the model and the summary; the wrapper is closed. Returns the
         summary (every rank)."""
+        self.finishing = True
         self.model.flush()  # the last exchange is training time too
         self.progress.elapsed_s = self.watch.elapsed()
         if self.cfg.checkpoint_every and self.last_saved != self.progress.step:
+            self._arrive(f"the checkpoint of step {self.progress.step}")
             run_state.save(self)
         summary = self._summarise()
         self.sampler.flush()
@@ -277,7 +317,7 @@ class TrainingLoop:
             self.log.close()
             report.write_json(self.run_dir / SUMMARY_FILE, summary)
             weights = {k: v.cpu() for k, v in self.module.state_dict().items()}
-            torch.save(weights, self.run_dir / MODEL_FILE)
+            write_atomic(self.run_dir / MODEL_FILE, lambda f: torch.save(weights, f))
             if not self.cfg.quiet:
                 print(
                     f"{self.algo}: test accuracy {summary['test_accuracy']:.2%} (averaged model) "
@@ -287,7 +327,7 @@ class TrainingLoop:
         close = getattr(self.model, "close", None)  # the gossip wrappers: remove their hooks
         if close is not None:
             close()
-        dist.barrier()
+        barrier(None, self.timeout, "the end of the run")
         return summary
 
     # --- pieces ---------------------------------------------------------------------------------
@@ -301,10 +341,11 @@ class TrainingLoop:
         excluded = self._average_finite()
         test_loss, test_acc = evaluate(self.module, self.test_set, batch_size=self._eval_batch())
         eval_s = time.perf_counter() - began
-        sent = torch.tensor([float(progress.bytes_sent)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(sent)
+        totals = [float(progress.bytes_sent), float(progress.samples)]
+        sent = torch.tensor(totals, dtype=torch.float64, device=self.device)
+        all_reduce_(sent, None, self.timeout, "the end-of-run totals")
         train_records = [r for r in progress.history if r.get("loss") is not None]
-        samples = progress.step * cfg.batch_size * world
+        samples = sent[1].item()  # counted, not steps x --batch-size: it may have changed
         summary = {
             "algo": self.algo,
             "world_size": world,
@@ -315,7 +356,7 @@ class TrainingLoop:
             "test_loss": test_loss,
             "eval_s": eval_s,
             "train_loss": train_records[-1]["loss"] if train_records else None,
-            "bytes_per_rank_per_step": sent.item() / world / max(progress.step, 1),
+            "bytes_per_rank_per_step": sent[0].item() / world / max(progress.step, 1),
             "consensus_distance": consensus,
             "excluded_ranks": excluded,
             "consensus_warnings": sum("warning" in r for r in progress.history),
@@ -324,12 +365,11 @@ class TrainingLoop:
             "preset": {"name": cfg.preset, "values": PRESETS.get(cfg.preset, {})},
             "dataset": self.info.name,
             "model": self.model_name,
-            "epochs": round(progress.step / self.steps_per_epoch, 3),
+            "epochs": round(run_state.epochs_trained(self), 3),
             **self._resume_record(),
         }
-        box = [summary]
-        dist.broadcast_object_list(box, src=0)  # rank 0's timings and history for everyone
-        return box[0]
+        # rank 0's timings and history for everyone
+        return broadcast_object(summary, None, self.timeout, "the end-of-run summary")
 
     # --- non-finite replicas ----------------------------------------------------------------------
 
@@ -337,8 +377,7 @@ class TrainingLoop:
         """The ranks whose replica holds NaN or inf (collective: one small all-reduce)."""
         flags = torch.zeros(self.world, dtype=torch.float64, device=self.device)
         flags[self.rank] = 0.0 if self._replica_is_finite() else 1.0
-        if self.world > 1:
-            dist.all_reduce(flags)
+        all_reduce_(flags, None, self.timeout, f"the non-finite check of step {self.progress.step}")
         return [rank for rank, bad in enumerate(flags.tolist()) if bad]
 
     def _replica_is_finite(self) -> bool:
@@ -370,7 +409,7 @@ class TrainingLoop:
         flat = torch.cat([t.detach().reshape(-1).double() for t in tensors])
         if self.rank in bad:
             flat.zero_()
-        dist.all_reduce(flat)
+        all_reduce_(flat, None, self.timeout, "the average of the finite replicas")
         flat /= self.world - len(bad)
         with torch.no_grad():
             offset = 0
@@ -413,6 +452,17 @@ class TrainingLoop:
         if self.log is not None:
             self.log.record(entry)
             self.progress.history = self.log.history
+
+    def where(self) -> str:
+        """Where the run is, for an error message: "a collective after step 12"."""
+        if self.finishing:
+            return f"a collective of the end of the run (step {self.progress.step})"
+        return f"a collective after step {self.progress.step}"
+
+    def _arrive(self, what: str) -> None:
+        """Meet every rank before a collective made elsewhere (the metrics' all-reduce, the
+        checkpoint's): a rank that does not come is named within ``--timeout-s``."""
+        arrive(None, self.timeout, what)
 
     def _consensus_due(self) -> bool:
         every = self.cfg.consensus_every
@@ -476,8 +526,7 @@ class TrainingLoop:
         run_state.check_fresh_start(self.cfg, self.checkpoints)
         if self.rank == 0:
             checkpoint.remove_partial(self.checkpoints)
-        if self.world > 1:
-            dist.barrier()
+        barrier(None, self.timeout, "the start of the run (the run folder checked)")
 
     def _announce(self) -> None:
         if self.rank != 0 or self.cfg.quiet:

@@ -11,7 +11,10 @@ TensorBoard).
 
 Only rank 0 makes one (the records are already reduced over ranks). ``history`` is every record
 so far; a resumed run passes the checkpoint's history, and ``metrics.jsonl`` is rewritten from it,
-so the file continues exactly where the checkpoint was taken.
+so the file continues exactly where the checkpoint was taken. It is written as a new file renamed
+over the old one (``files.open_replacing``): a link planted there is replaced, never written
+through. ``read_metrics`` skips a damaged line (a full disk or a crash can leave half a line at
+the end) with one warning line.
 
 Divergence guard: a record whose consensus distance is above ``consensus_warn`` (or not finite)
 gets a ``"warning"`` entry, and when the distance goes above it (first, or again after falling
@@ -32,6 +35,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
+
+from gossipgrad.train.files import open_replacing, read_json_lines
 
 METRICS_FILE = "metrics.jsonl"
 _BAR_KEYS = {
@@ -115,7 +120,7 @@ class MetricsLog:
         self._above = bool(measured) and self._is_above(measured[-1])
         losses = [r["loss"] for r in self.history if r.get("loss") is not None]
         self._loss_bad = bool(losses) and not math.isfinite(losses[-1])
-        self._file = open(run_dir / METRICS_FILE, "w")  # noqa: SIM115 - closed in close()
+        self._file = open_replacing(run_dir / METRICS_FILE)  # closed in close()
         for record in self.history:
             self._file.write(json.dumps(record) + "\n")
         self._file.flush()
@@ -199,10 +204,12 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of ``run_dir/metrics.jsonl`` (none if it is missing); a damaged line is
+    skipped with one warning line."""
     path = run_dir / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_json_lines(path)
 
 
 def _short(value: Any) -> str:

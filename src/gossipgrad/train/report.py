@@ -6,16 +6,21 @@
 The image (matplotlib, Agg backend, no display needed) shows the training loss and accuracy
 against step and against wall time for each algorithm, the consensus distance over time, and,
 with ``--eval-every``, the held-out accuracy of the replicas' average against training time.
+
+The report covers every algorithm whose run finished in the folder, earlier runs included; a
+damaged ``summary.json`` (truncated, or not a run summary) or ``metrics.jsonl`` line of one is
+skipped with one warning line (``gossipgrad.train.files``). Every file is written to a temporary
+file renamed over the old one: a link planted there is replaced, never written through.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
+from gossipgrad.train.files import read_json, write_atomic
 from gossipgrad.train.metrics import read_metrics
 
 REPORT_IMAGE = "report.png"
@@ -25,21 +30,50 @@ _COLORS = {"gossip": "tab:blue", "hierarchical": "tab:green", "allreduce": "tab:
 _LABELS = {"gossip": "gossip", "hierarchical": "hierarchical", "allreduce": "all-reduce"}
 
 
+# what the table reads from each run's summary
+_SUMMARY_NUMBERS = (
+    "test_accuracy",
+    "test_loss",
+    "train_time_s",
+    "bytes_per_rank_per_step",
+    "consensus_distance",
+    "samples_per_s",
+    "steps",
+    "world_size",
+)
+_SUMMARY_TEXTS = ("algo", "dataset", "model")
+
+
 def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON, atomically (a reader never sees half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    """Write ``obj`` as JSON, atomically (a reader never sees half a file, and a link at
+    ``path`` is replaced, never written through)."""
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def read_summaries(out: Path) -> dict[str, dict[str, Any]]:
-    """``{algo: summary}`` for every algorithm that has finished in run folder ``out``."""
+    """``{algo: summary}`` for every algorithm that has finished in run folder ``out``; a damaged
+    summary is skipped with one warning line."""
     found = {}
     for algo in _ORDER:
         path = out / algo / SUMMARY_FILE
         if path.is_file():
-            found[algo] = json.loads(path.read_text())
+            summary = read_json(path, damaged="skip", check=_summary_problem)
+            if summary is not None:
+                found[algo] = summary
     return found
+
+
+def _summary_problem(value: Any) -> str | None:
+    """What makes ``value`` unusable as a run's summary, or None."""
+    if not isinstance(value, dict):
+        return "is not a run summary (not a JSON object)"
+    bad = [k for k in _SUMMARY_NUMBERS if not _is_number(value.get(k))]
+    bad += [k for k in _SUMMARY_TEXTS if not isinstance(value.get(k), str)]
+    return f"is not a run summary (no valid {', '.join(bad)})" if bad else None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def format_table(summaries: dict[str, dict[str, Any]]) -> str:
@@ -75,7 +109,9 @@ LOOPBACK_NOTE = (
 
 
 def _every(s: dict[str, Any]) -> int:
-    return int((s.get("config") or {}).get("gossip_every", 1) or 1)
+    config = s.get("config")
+    every = config.get("gossip_every") if isinstance(config, dict) else None
+    return every if isinstance(every, int) and every > 0 else 1
 
 
 def _messages(s: dict[str, Any]) -> str:
@@ -175,8 +211,10 @@ def plot_report(
     first = next(iter(summaries.values()))
     names = " vs ".join(_LABELS.get(a, a) for a in summaries)
     fig.suptitle(f"gossipgrad: {names} ({setting(first)})", fontsize=14)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        write_atomic(path, lambda f: fig.savefig(f, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def _plot_held_out(ax: Any, records: dict[str, list[dict[str, Any]]]) -> None:
@@ -206,7 +244,7 @@ def _series(records: list[dict[str, Any]], x_key: str, y_key: str) -> tuple[list
     pairs = [
         (r[x_key], r[y_key])
         for r in records
-        if r.get(y_key) is not None and math.isfinite(r[y_key])
+        if _is_number(r.get(x_key)) and _is_number(r.get(y_key)) and math.isfinite(r[y_key])
     ]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 

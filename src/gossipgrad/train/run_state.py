@@ -8,9 +8,11 @@ every object's state (model, optimizer, sampler, gossip step, random generators)
 
 Resuming:
 
-- ``--resume auto`` takes the newest checkpoint that loads; a damaged one is skipped with a
-  warning naming it and why. When checkpoints exist but none can be used, the run stops with a
-  ``ResumeError`` naming each: it never trains from step 0 over them.
+- ``--resume auto`` takes the newest checkpoint that loads; a damaged one (a file missing,
+  truncated, not JSON, nested too deep, a state that does not fit) is skipped with a warning
+  naming it and why, on every rank alike. When checkpoints exist but none can be used, the run
+  stops with a ``ResumeError`` naming each: it never trains from step 0 over them. When there is
+  no checkpoint yet, rank 0 says in one line that the run starts from step 0.
 - The algorithm, dataset, model, optimizer, seed, schedule and shuffle fraction of a run are
   fixed (``FIXED``): a resume that changes one is refused up front, naming the flag and both
   values. Every other flag may change (lr, epochs, max steps, logging, evaluation and checkpoint
@@ -21,15 +23,18 @@ Resuming:
   loaded) and recorded as ``{flag: [checkpoint's, this run's]}``.
 - On the same number of ranks the run continues bit for bit. On another number (``q`` ranks from
   a checkpoint of ``p``), every rank starts from the exact average of the ``p`` saved replicas;
-  the optimizer state (momentum, Adam moments) is averaged the same way, element by element; the
-  sampler is re-sharded for ``q`` ranks and the epoch continues after the samples already seen
-  (``yielded * p / q`` per rank, rounded down to whole batches); each rank's random generators
-  restart from its own seed; the step, epoch, training time and metrics history carry on.
+  the optimizer state (momentum, Adam moments) and the gradient trackers (--tracking) are averaged
+  the same way, element by element; the sampler is re-sharded for ``q`` ranks and the epoch
+  continues after the samples already seen (``yielded * p / q`` per rank, rounded down to whole
+  batches); each rank's random generators restart from its own seed; the step, epoch, training
+  time, samples trained and metrics history carry on.
+
+The summary's figures count samples (``Progress.samples``, ``epochs_trained``), not steps: a
+resumed run may change --batch-size, and with --balance a rank's batches differ in size.
 """
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 from dataclasses import dataclass, field, fields
@@ -52,7 +57,8 @@ if TYPE_CHECKING:
 FIXED = ("dataset", "model", "optimizer", "seed", "schedule", "shuffle_fraction")
 _FIXED_TEXT = "the algorithm, dataset, model, optimizer, seed, schedule and shuffle fraction"
 _UNRECORDED = ("algo", "resume", "out", "nproc")  # the world size is recorded on its own
-AVERAGED = ("model", "optim", "progress")  # averaged over the saved ranks on another world size
+# averaged over the saved ranks on another world size (gossip: the gradient trackers)
+AVERAGED = ("model", "optim", "gossip", "progress")
 
 
 class ResumeError(checkpoint.CheckpointError):
@@ -68,6 +74,7 @@ class Progress:
     epoch: int = 0
     elapsed_s: float = 0.0
     bytes_sent: int = 0
+    samples: int = 0  # this rank's training samples so far (the loop adds each batch's)
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -98,19 +105,27 @@ def check_fresh_start(cfg: TrainConfig, folder: Path) -> None:
 def check_resume(cfg: TrainConfig, algo: str, model: str) -> None:
     """What can be checked before any worker starts (no collectives, no tensors read): a run
     folder that already holds checkpoints without ``--resume``, a ``--resume`` path that does
-    not exist or holds no checkpoint, checkpoints none of which is complete, and flags that the
-    newest complete checkpoint's run does not allow to change. Raises ``ResumeError``."""
+    not exist or holds no checkpoint, checkpoints none of which is complete with a readable run
+    record, and flags that the newest such checkpoint's run does not allow to change (a damaged
+    newer one is skipped, as the workers will skip it). Raises ``ResumeError``."""
     folder = Path(cfg.out) / algo / "checkpoints"
     check_fresh_start(cfg, folder)
     if not cfg.resume:
         return
-    candidates = _candidates(cfg.resume, folder, algo)
-    complete = [p for p in candidates if (p / checkpoint.MANIFEST).is_file()]
-    if candidates and not complete:
-        _refuse_all([(p, checkpoint.validate(p, any_world=True) or "") for p in candidates])
-    if complete:
-        identity = {"algo": algo, "dataset": cfg.dataset, "model": model}
-        check_flags(cfg, identity, _saved_run(complete[0]), complete[0])
+    identity = {"algo": algo, "dataset": cfg.dataset, "model": model}
+    unusable: list[tuple[Path, str]] = []
+    for path in _candidates(cfg.resume, folder, algo):  # newest first; the workers skip the same
+        try:
+            if not (path / checkpoint.MANIFEST).is_file():
+                raise ResumeError(f"{str(path)!r} has no {checkpoint.MANIFEST}")
+            run = _saved_run(path)
+        except ResumeError as error:
+            unusable.append((path, checkpoint.validate(path, any_world=True) or str(error)))
+            continue
+        check_flags(cfg, identity, run, path)
+        return
+    if unusable:
+        _refuse_all(unusable)
 
 
 def check_flags(
@@ -144,7 +159,8 @@ def check_flags(
 
 def save(loop: TrainingLoop) -> None:
     """Checkpoint ``loop`` at its current step (collective)."""
-    loop.model.flush()  # a checkpoint holds no message: mix in what the last step sent
+    # no flush: gossip_state() holds the exchange in flight (waited for, not mixed), so that a
+    # checkpoint changes nothing in the run (a wrapper that cannot hold it completes it)
     progress = loop.progress
     state = {
         "run": {**loop.identity, "config": loop.cfg.to_dict()},
@@ -165,6 +181,7 @@ def save(loop: TrainingLoop) -> None:
             "elapsed_s": progress.elapsed_s,
             # a tensor, so that a resume on another world size averages it like the replicas
             "bytes_sent": torch.tensor(float(progress.bytes_sent), dtype=torch.float64),
+            "samples": torch.tensor(float(progress.samples), dtype=torch.float64),
             "history": progress.history if dist.get_rank() == 0 else [],
             "meter": progress.meter.state_dict(),
         },
@@ -176,7 +193,8 @@ def resume(loop: TrainingLoop) -> Resumed | None:
     """Load the checkpoint that ``--resume`` names into ``loop``'s objects (module docstring);
     None when there is nothing to resume (collective)."""
     skipped: list[tuple[Path, str]] = []
-    for path in _candidates(loop.cfg.resume, loop.checkpoints, loop.algo):
+    candidates = _candidates(loop.cfg.resume, loop.checkpoints, loop.algo)
+    for path in candidates:
         try:
             run = _saved_run(path)
         except ResumeError as error:
@@ -194,25 +212,50 @@ def resume(loop: TrainingLoop) -> Resumed | None:
         return Resumed(path, world, changes, [str(where) for where, _ in skipped])
     if skipped:
         _refuse_all(skipped)
+    if loop.cfg.resume and not candidates and dist.get_rank() == 0:
+        sys.stderr.write(
+            f"gossipgrad: note: --resume {loop.cfg.resume}: no checkpoint in "
+            f"{str(loop.checkpoints)!r} yet, so the {loop.algo} run starts from step 0\n"
+        )
     return None
 
 
 def _load(loop: TrainingLoop, path: Path) -> int:
-    """Load checkpoint ``path`` into ``loop``; returns the number of ranks that wrote it."""
+    """Load checkpoint ``path`` into ``loop``; returns the number of ranks that wrote it. A state
+    that does not fit (a damaged file) raises ``CheckpointError`` on every rank alike, so that
+    every rank goes on to the same next checkpoint (collective)."""
     saved = checkpoint.saved_world_size(path)
     if saved == loop.world:
         state = checkpoint.load(path)
+    else:
+        state = checkpoint.load_resharded(path, AVERAGED)
+    problem = None
+    try:
+        _apply(loop, state, saved)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
+        lines = str(error).strip().splitlines() or [""]
+        problem = f"rank {loop.rank}: {type(error).__name__}: {lines[0]}"
+    problems = checkpoint.gather_errors(problem)
+    if problems:
+        raise checkpoint.CheckpointError(
+            f"checkpoint {str(path)!r} does not fit this run ({'; '.join(problems)}): it is "
+            "damaged, or from another version of the model"
+        )
+    return saved
+
+
+def _apply(loop: TrainingLoop, state: dict[str, Any], saved: int) -> None:
+    """Put a loaded ``state`` into ``loop``'s objects."""
+    if saved == loop.world:
         loop.sampler.load_state_dict(state["sampler"])
         _load_rng(state["rng"])
     else:
-        state = checkpoint.load_resharded(path, AVERAGED)
         _reshard_sampler(loop, state, saved)
     loop.model.module.load_state_dict(state["model"])
     loop.optimizer.load_state_dict(state["optim"])
     loop.model.load_gossip_state(state["gossip"])
     loop.saved_recipe = state.get("recipe")  # loaded once the recipe is built (after this)
-    _load_progress(loop.progress, state["progress"])
-    return saved
+    _load_progress(loop.progress, state["progress"], saved / loop.world, state["run"])
 
 
 def _reshard_sampler(loop: TrainingLoop, state: dict[str, Any], saved: int) -> None:
@@ -232,12 +275,50 @@ def _load_rng(rng: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def _load_progress(progress: Progress, saved: dict[str, Any]) -> None:
+def _load_progress(
+    progress: Progress, saved: dict[str, Any], share: float, run: dict[str, Any]
+) -> None:
+    """``share``: saved ranks / this run's ranks (the samples are averaged over the saved ranks
+    on another world size: each rank takes its share of their total)."""
     progress.step, progress.epoch = int(saved["step"]), int(saved["epoch"])
     progress.elapsed_s = float(saved["elapsed_s"])
     progress.bytes_sent = round(float(saved["bytes_sent"]))
+    if "samples" in saved:
+        progress.samples = round(float(saved["samples"]) * share)
+    else:  # a checkpoint from before samples were counted: its steps were of its batch size
+        batch = int(dict(run.get("config") or {}).get("batch_size", 0))
+        progress.samples = round(progress.step * batch * share)
     progress.history = list(saved["history"])
     progress.meter.load_state_dict(saved["meter"])
+
+
+def epochs_trained(loop: TrainingLoop) -> float:
+    """The epochs done: the finished ones plus the share of the current epoch's samples that this
+    rank has trained (right whatever --batch-size each resumed part of the run had)."""
+    yielded = int(loop.sampler.state_dict()["yielded"])
+    left = max(len(loop.sampler) - yielded, 0)
+    if loop.batches is None:  # what whole batches can still take (the rest is dropped)
+        left = left // loop.cfg.batch_size * loop.cfg.batch_size
+    share = yielded / (yielded + left) if yielded + left else 0.0
+    return loop.progress.epoch + share
+
+
+def after_interrupt(cfg: TrainConfig, algo: str) -> str:
+    """What an interrupted run of ``algo`` can still be continued from, as a sentence for the
+    line that says it was interrupted: the newest checkpoint, or how to have one next time."""
+    folder = Path(cfg.out) / algo / "checkpoints"
+    saved = checkpoint.list_checkpoints(folder)
+    if saved:
+        return (
+            f"continue from step {checkpoint.step_of(saved[-1])} with the same command and "
+            f"--resume auto --out {cfg.out}"
+        )
+    if cfg.checkpoint_every:
+        return f"no checkpoint was written yet (--checkpoint-every {cfg.checkpoint_every})"
+    return (
+        "nothing was saved, as no --checkpoint-every was given: add --checkpoint-every N to "
+        "write a checkpoint every N steps, which --resume auto continues from"
+    )
 
 
 # --- finding checkpoints ------------------------------------------------------------------------
@@ -270,14 +351,17 @@ def _candidates(resume: str, folder: Path, algo: str) -> list[Path]:
 
 
 def _saved_run(path: Path) -> dict[str, Any]:
-    """What rank 0 of checkpoint ``path`` recorded about its run (JSON: no tensor is read)."""
+    """What rank 0 of checkpoint ``path`` recorded about its run (JSON: no tensor is read).
+    Raises ``ResumeError`` saying what is wrong with the checkpoint."""
+    file = path / "rank0.json"
     try:
-        run = json.loads((path / "rank0.json").read_text())["run"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        problem = checkpoint.validate(path, any_world=True) or f"its rank0.json: {error}"
-        raise ResumeError(problem) from None
-    if not isinstance(run, dict):
-        raise ResumeError(f"{str(path / 'rank0.json')!r} is corrupt")
+        tree = checkpoint.read_json(file)
+    except checkpoint.CheckpointError as error:
+        raise ResumeError(checkpoint.validate(path, any_world=True) or str(error)) from None
+    run = tree.get("run") if isinstance(tree, dict) else None
+    if not isinstance(run, dict) or not isinstance(run.get("config", {}), dict):
+        problem = checkpoint.validate(path, any_world=True)
+        raise ResumeError(problem or f"{str(file)!r} is damaged: it names no run")
     return run
 
 

@@ -18,7 +18,8 @@ torchrun), rank 0 holds the run folder's lock (``gossipgrad.train.lock``) while 
 A failing worker reports its failure to ``gossipgrad train`` (``gossipgrad.train.failures``), and
 never lets a ``BaseException`` that is not an ``Exception`` (torch's ``CheckpointException``)
 escape ``@record``, which would drop its cause. Ctrl-C or SIGTERM ends a worker without a
-traceback (``_stop_signals``).
+traceback (``_stop_signals``); under torchrun, rank 0 says on Ctrl-C what the run can be
+continued from, or how to have checkpoints next time.
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from gossipgrad.train import failures, report
+from gossipgrad.collectives import broadcast_object
+from gossipgrad.train import failures, report, run_state
 from gossipgrad.train.config import TrainConfig, load_config
+from gossipgrad.train.files import describe
 from gossipgrad.train.lock import RunBusyError, run_lock
 from gossipgrad.train.loop import pick_device, train
 
@@ -115,8 +118,11 @@ def _work(cfg: TrainConfig, standalone: bool) -> dict[str, dict[str, Any]]:
     init_distributed("nccl" if device.type == "cuda" else "gloo", timedelta(seconds=cfg.timeout_s))
     try:
         cfg = replace(cfg, out=_shared_out(cfg))
-        with _hold_run_folder(Path(cfg.out), standalone):
-            results = {algo: train(cfg, algo) for algo in cfg.algos()}
+        with _hold_run_folder(Path(cfg.out), standalone, timedelta(seconds=cfg.timeout_s)):
+            results: dict[str, dict[str, Any]] = {}
+            for algo in cfg.algos():
+                with _say_if_interrupted(cfg, algo, standalone):
+                    results[algo] = train(cfg, algo)
             if dist.get_rank() == 0 and standalone:
                 summary = report.write_report(Path(cfg.out))
                 print(f"\n{summary['table']}\n\nreport: {Path(cfg.out) / report.REPORT_IMAGE}")
@@ -129,9 +135,22 @@ def _work(cfg: TrainConfig, standalone: bool) -> dict[str, dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def _hold_run_folder(out: Path, standalone: bool) -> Iterator[None]:
+def _say_if_interrupted(cfg: TrainConfig, algo: str, standalone: bool) -> Iterator[None]:
+    """Standalone (under torchrun), rank 0 says on Ctrl-C what the run can be continued from, or
+    how to have a checkpoint next time (``gossipgrad train``'s launcher says it itself)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if standalone and dist.get_rank() == 0:
+            hint = run_state.after_interrupt(cfg, algo)
+            sys.stderr.write(f"gossipgrad: interrupted during the {algo} run; {hint}\n")
+        raise
+
+
+@contextlib.contextmanager
+def _hold_run_folder(out: Path, standalone: bool, timeout: timedelta) -> Iterator[None]:
     """Standalone, rank 0 locks the run folder for the whole job; every rank learns whether it
-    could (under ``gossipgrad train`` the launcher holds the lock)."""
+    could, and why not in one line (under ``gossipgrad train`` the launcher holds the lock)."""
     with contextlib.ExitStack() as stack:
         busy = None
         if standalone and dist.get_rank() == 0:
@@ -139,10 +158,10 @@ def _hold_run_folder(out: Path, standalone: bool) -> Iterator[None]:
                 stack.enter_context(run_lock(out))
             except RunBusyError as error:
                 busy = str(error)
-        if standalone and dist.get_world_size() > 1:
-            box = [busy]
-            dist.broadcast_object_list(box, src=0)
-            busy = box[0]
+            except OSError as error:  # an --out that cannot be used
+                busy = describe(error, out)
+        if standalone:
+            busy = broadcast_object(busy, None, timeout, "the run folder's lock")
         if busy:
             raise RunBusyError(busy)
         yield
@@ -197,7 +216,5 @@ def default_out(cfg: TrainConfig) -> str:
 
 def _shared_out(cfg: TrainConfig) -> str:
     """``default_out(cfg)`` as rank 0 sees it, for every rank."""
-    box = [default_out(cfg)]
-    if dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
+    timeout = timedelta(seconds=cfg.timeout_s)
+    return broadcast_object(default_out(cfg), None, timeout, "the run folder's name")
