@@ -24,8 +24,8 @@ this rank only) keeps the schedule, as its partners expect: it begins the next s
 but mixes nothing (its parameters must not change outside the optimizer); what was due is mixed
 at the next ``finish_step``. Every exchange is mixed exactly once, so the replicas' mean is kept.
 
-Messages go through a ``Transport``: ``GroupTransport`` (torch.distributed point-to-point, gloo
-or NCCL) or the virtual cluster's in-memory one.
+Messages go through a ``gossipgrad._transport.Transport``: ``GroupTransport``
+(torch.distributed point-to-point, gloo or NCCL) or the virtual cluster's in-memory one.
 """
 
 from __future__ import annotations
@@ -36,14 +36,13 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from gossipgrad import _p2p, cadence
-from gossipgrad.errors import NonFiniteError, PeerError
+from gossipgrad import cadence
+from gossipgrad._transport import Transport, Wire
+from gossipgrad.errors import NonFiniteError
 from gossipgrad.mixing import (
     Bucket,
     delayed_weight,
@@ -60,97 +59,6 @@ from gossipgrad.options import GossipOptions
 from gossipgrad.schedule import Exchange, plan
 
 Layout = tuple[tuple[tuple[int, ...], torch.dtype, torch.device], ...]
-
-
-class Wire(Protocol):
-    """One exchange's messages in flight."""
-
-    def wait(self, timeout: timedelta, rank: int) -> None: ...
-
-
-class Transport(Protocol):
-    """Puts one exchange's buffers on the wire: ``sends`` to ``send_to`` and ``recvs`` from
-    ``recv_from`` (``None``: no message), as exchange ``index`` of the schedule. ``salt``
-    (< 128) differs between replica layouts, so that the messages of partners whose models
-    differ never match each other."""
-
-    def start(
-        self,
-        sends: list[torch.Tensor],
-        recvs: list[torch.Tensor],
-        ex: Exchange,
-        index: int,
-        where: str,
-        first: int,
-        salt: int,
-    ) -> Wire: ...
-
-
-class GroupTransport:
-    """Point-to-point over a torch.distributed group (``streams``: extra groups over the same
-    ranks, one TCP stream each on gloo)."""
-
-    def __init__(
-        self, group: dist.ProcessGroup, streams: list[dist.ProcessGroup] | None = None
-    ) -> None:
-        self.group, self.streams = group, streams
-
-    def start(
-        self,
-        sends: list[torch.Tensor],
-        recvs: list[torch.Tensor],
-        ex: Exchange,
-        index: int,
-        where: str,
-        first: int,
-        salt: int,
-    ) -> Wire:
-        inflight = _p2p.start(
-            sends,
-            recvs,
-            ex.send_to,
-            ex.recv_from,
-            index,
-            self.group,
-            streams=self.streams,
-            index=first,
-            salt=salt,
-            where=where,
-        )
-        return _GroupWire(inflight)
-
-
-class _GroupWire:
-    """A wire whose failure also names the first rank lost in the job (see ``_first_loss``)."""
-
-    def __init__(self, inflight: _p2p.InFlight) -> None:
-        self.inflight = inflight
-
-    def wait(self, timeout: timedelta, rank: int) -> None:
-        try:
-            self.inflight.wait(timeout, rank)
-        except PeerError as exc:
-            raise PeerError(_first_loss(exc, rank, self.inflight.label), exc.peer) from exc
-
-
-def _first_loss(exc: PeerError, rank: int, where: str) -> str:
-    """Record in the job's store that this rank lost ``exc.peer`` (unless a loss was already
-    recorded), and add the first recorded loss to the message: when one rank dies, the ranks
-    that fail after it, in cascade, still name the rank that was lost first. The store's
-    timeout is shortened for this call only (the store may be gone with the job)."""
-    mine = f"{exc.peer}|{rank}|{where}"
-    try:
-        store = dist.distributed_c10d._get_default_store()
-        previous = store.timeout
-        store.set_timeout(timedelta(seconds=5))
-        try:
-            first = store.compare_set("gossipgrad/first_loss", "", mine).decode()
-        finally:
-            store.set_timeout(previous)
-    except Exception:  # noqa: BLE001 - the store may be gone with the job; the message stands
-        return str(exc)
-    lost, seen_by, at = first.split("|") if first.count("|") == 2 else (exc.peer, rank, where)
-    return f"{exc} [first loss in this job: rank {lost}, seen by rank {seen_by} at {at}]"
 
 
 @dataclass

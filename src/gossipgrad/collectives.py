@@ -50,7 +50,7 @@ def _absent(
     exc: RuntimeError, group: dist.ProcessGroup | None, timeout: timedelta, what: str
 ) -> PeerError:
     """The ``PeerError`` for a ``monitored_barrier`` that failed: group rank 0 knows who did not
-    arrive; the others learn it from the job's first recorded loss (``_engine._first_loss``),
+    arrive; the others learn it from the job's first recorded loss (``_transport._first_loss``),
     or name rank 0, which stopped answering them."""
     missing = _missing_ranks(str(exc))
     return _absence(dist.get_rank(group), missing, what, timeout, checker_lost=not missing)
@@ -60,8 +60,8 @@ def _absence(
     rank: int, missing: list[int], what: str, timeout: timedelta, checker_lost: bool = False
 ) -> PeerError:
     """``PeerError``: ``missing`` (else rank 0, the checker) did not reach ``what``; with the
-    job's first recorded loss when it was another (``_engine._first_loss``)."""
-    from gossipgrad._engine import _first_loss  # not at import: _engine is heavier
+    job's first recorded loss when it was another (``_transport._first_loss``)."""
+    from gossipgrad._transport import _first_loss  # not at import: it imports _p2p
 
     who = "rank 0 (which checks who arrived)" if checker_lost else _ranks_named(missing)
     missing = missing or [0]

@@ -60,7 +60,8 @@ from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 from gossipgrad import _setup
 from gossipgrad._clipping import AverageNormEstimate
 from gossipgrad._clock import StepClock
-from gossipgrad._engine import GroupTransport, StepEngine
+from gossipgrad._engine import StepEngine
+from gossipgrad._transport import GroupTransport
 from gossipgrad.collectives import (
     DeferredAverage,
     Scratch,

@@ -48,7 +48,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gossipgrad import _setup, cadence
 from gossipgrad._clock import StepClock
-from gossipgrad._engine import GroupTransport, StepEngine, load_schedule_state, schedule_state
+from gossipgrad._engine import StepEngine, load_schedule_state, schedule_state
+from gossipgrad._transport import GroupTransport
 from gossipgrad.collectives import (
     DeferredAverage,
     Scratch,

@@ -178,9 +178,10 @@ def test_a_full_disk_is_named_and_the_run_continues_once_space_is_freed(
     small_disk: Path, capsys
 ) -> None:
     """Issue 26, case 10: a checkpoint (about 340 KiB on tmpfs, the exchange in flight included)
-    every 5 steps onto a disk with 450 KiB free: the first fits, the second fails on every rank (ENOSPC, or torch's
-    "unexpected pos" of a short write), and the one line says the disk is full and how much is
-    free. The first checkpoint is intact, and the run continues from it once space is freed."""
+    every 5 steps onto a disk with 450 KiB free: the first fits, the second fails on every rank
+    (ENOSPC, or torch's "unexpected pos" of a short write), and the one line says the disk is
+    full and how much is free. The first checkpoint is intact, and the run continues from it
+    once space is freed."""
     filler = small_disk / "filler"
     filler.write_bytes(b"x" * (shutil.disk_usage(small_disk).free - (450 << 10)))
     out = small_disk / "run"
