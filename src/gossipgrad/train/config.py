@@ -422,12 +422,22 @@ def load_config(argv: list[str], prog: str = "gossipgrad train") -> TrainConfig:
 
 def check_launch(cfg: TrainConfig) -> None:
     """What ``gossipgrad train`` needs besides ``validate`` (torchrun ignores ``--nproc``): at
-    most ``MAX_NPROC`` local workers. Raises ``ConfigError``."""
+    most ``MAX_NPROC`` local workers, and a gossip schedule that fits ``--nproc`` (checked here,
+    before torch is imported, so the answer is immediate). Raises ``ConfigError``."""
     if cfg.nproc > MAX_NPROC:
         raise ConfigError(
             f"--nproc must be in [1, {MAX_NPROC}] (worker processes on this machine), got "
             f"{cfg.nproc}: for more ranks, start workers on several machines with torchrun"
         )
+    if {"gossip", "hierarchical"} & set(cfg.algos()):
+        from gossipgrad.schedule import partners  # pure: no torch
+
+        try:
+            partners(0, 0, cfg.nproc, cfg.seed, cfg.schedule)
+        except ValueError as error:
+            raise ConfigError(
+                f"--schedule {cfg.schedule} with --nproc {cfg.nproc}: {error}"
+            ) from None
 
 
 def with_preset(values: dict[str, Any]) -> dict[str, Any]:

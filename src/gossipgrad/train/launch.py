@@ -46,7 +46,6 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from gossipgrad.schedule import partners
 from gossipgrad.train import failures, report, run_state
 from gossipgrad.train.config import ConfigError, TrainConfig
 from gossipgrad.train.data import load_dataset
@@ -114,7 +113,6 @@ def preflight(cfg: TrainConfig) -> str | None:
     try:
         cfg.gossip_options()  # the engine's own checks, e.g. --wire-dtype int8 with --mode params
         model = _check_data_and_model(cfg)
-        _check_schedule(cfg)
         _check_device(cfg)
         _check_layout(cfg)
         for algo in cfg.algos():
@@ -140,15 +138,6 @@ def _check_data_and_model(cfg: TrainConfig) -> str:
     except ValueError as error:
         raise _Refused(f"--model {cfg.model}: {error}") from None
     return model
-
-
-def _check_schedule(cfg: TrainConfig) -> None:
-    if not {"gossip", "hierarchical"} & set(cfg.algos()):
-        return
-    try:
-        partners(0, 0, cfg.nproc, cfg.seed, cfg.schedule)
-    except ValueError as error:
-        raise _Refused(f"--schedule {cfg.schedule} with --nproc {cfg.nproc}: {error}") from None
 
 
 def _check_layout(cfg: TrainConfig) -> None:
