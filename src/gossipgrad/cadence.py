@@ -56,9 +56,3 @@ def buffers_in_flight(gossip_every: int, max_staleness: int = 0) -> int:
     buffers): exchange ``j`` is posted at step ``jK`` and mixed at the end of step
     ``jK + K - 1 + S``."""
     return (gossip_every - 1 + max_staleness) // gossip_every + 1
-
-
-def buffer_slot(index: int, gossip_every: int, max_staleness: int = 0) -> int:
-    """Which of the ``buffers_in_flight`` buffer pairs exchange ``index`` uses: the one the
-    exchange ``buffers_in_flight`` before it has left by then."""
-    return index % buffers_in_flight(gossip_every, max_staleness)

@@ -280,28 +280,6 @@ def tracked_parameters(module: nn.Module) -> list[torch.Tensor]:
     return [p for p in module.parameters() if p.requires_grad and p.is_floating_point()]
 
 
-def grads_of(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Each parameter's ``grad``, created as zeros where the step gave it none."""
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    return [p.grad for p in params]  # type: ignore[misc]
-
-
-@torch.no_grad()
-def track_(
-    grads: Sequence[torch.Tensor], trackers: Sequence[torch.Tensor], last: Sequence[torch.Tensor]
-) -> None:
-    """Gradient tracking, after the trackers were mixed: ``y <- y + g - g_last``, then
-    ``g_last <- g`` and ``g <- y`` (the optimizer steps along the tracked direction). Summed
-    over ranks, ``y`` changes by the change of the gradients, so its mean is the mean gradient
-    (mixing keeps it)."""
-    torch._foreach_add_(list(trackers), list(grads))
-    torch._foreach_sub_(list(trackers), list(last))
-    torch._foreach_copy_(list(last), list(grads))
-    torch._foreach_copy_(list(grads), list(trackers))
-
-
 def is_finite(flat: torch.Tensor) -> bool:
     """True when ``flat`` has no NaN or inf (one reduction; accumulates in float32 at least)."""
     if flat.is_complex():
