@@ -6,7 +6,6 @@ and a checkpoint of p ranks loads on q as the exact average of its replicas."""
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import json
 import os
@@ -19,6 +18,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from _dist import run_world
+from _manifest import rewrite_manifest
 
 from gossipgrad import checkpoint
 from gossipgrad.checkpoint import CheckpointError
@@ -140,21 +140,12 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def _rewrite_manifest(path: Path) -> None:
-    """Recompute the manifest, as whoever planted a file would (it has no key)."""
-    manifest = json.loads((path / checkpoint.MANIFEST).read_text())
-    for name in manifest["files"]:
-        data = (path / name).read_bytes()
-        manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (path / checkpoint.MANIFEST).write_text(json.dumps(manifest))
-
-
 def test_a_planted_metadata_pickle_is_refused_and_never_runs(tmp_path: Path) -> None:
     older = checkpoint.save(tmp_path / "ckpt", 10, _state(10))
     planted = checkpoint.save(tmp_path / "ckpt", 20, _state(20))
     marker = tmp_path / "payload-ran"
     (planted / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
-    _rewrite_manifest(planted)
+    rewrite_manifest(planted)
     assert checkpoint.validate(planted) is None  # the manifest alone cannot tell
     with pytest.raises(CheckpointError, match=r"names posix\.system.*refused"):
         checkpoint.load(planted)
@@ -169,7 +160,7 @@ def test_metadata_entries_must_be_tensors(tmp_path: Path) -> None:
     path = checkpoint.save(tmp_path, 10, _state(10))
     # a well-formed DCP entry that is not a tensor would be read with torch.load(weights_only=False)
     dcp.save({"rank0/extra": io.BytesIO(b"x")}, storage_writer=dcp.FileSystemWriter(str(path)))
-    _rewrite_manifest(path)
+    rewrite_manifest(path)
     with pytest.raises(CheckpointError, match="BytesStorageMetadata.*refused"):
         checkpoint.load(path)
 
@@ -295,7 +286,7 @@ def test_json_nested_too_deep_is_damaged_and_skipped(tmp_path: Path, depth: int)
     older = checkpoint.save(tmp_path, 10, _state(10))
     newest = checkpoint.save(tmp_path, 20, _state(20))
     (newest / "rank0.json").write_text("[" * depth + "]" * depth)
-    _rewrite_manifest(newest)
+    rewrite_manifest(newest)
     said = "nested too deep to read" if depth > 1000 else "nested more than 64 levels deep"
     with pytest.raises(CheckpointError, match=f"rank0.json' is damaged: {said}"):
         checkpoint.load(newest)
@@ -329,7 +320,7 @@ def _tampered_leaf(path: Path, leaf: dict) -> None:
     tree = json.loads((path / "rank0.json").read_text())
     tree["model"]["weight"] = leaf
     (path / "rank0.json").write_text(json.dumps(tree))
-    _rewrite_manifest(path)
+    rewrite_manifest(path)
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,6 @@ up front), never over checkpoints that cannot be used, and saying so when there 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -15,6 +14,7 @@ import sklearn.model_selection  # noqa: F401 - imported once here, the forked ra
 import torch
 import torch._dynamo  # noqa: F401 - (DDP imports it on first use)
 from _dist import run_world
+from _manifest import rewrite_manifest
 
 from gossipgrad import checkpoint
 from gossipgrad.train import cli, loop
@@ -291,14 +291,6 @@ def test_a_resume_with_another_batch_size_counts_samples_not_steps(tmp_path: Pat
     assert summary["samples_per_s"] * summary["train_time_s"] == pytest.approx(samples)
 
 
-def _rewrite_manifest(path: Path) -> None:
-    manifest = json.loads((path / checkpoint.MANIFEST).read_text())
-    for name in manifest["files"]:
-        data = (path / name).read_bytes()
-        manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (path / checkpoint.MANIFEST).write_text(json.dumps(manifest))
-
-
 def test_a_checkpoint_nested_100000_deep_is_skipped_for_the_previous_one(
     tmp_path: Path, capfd
 ) -> None:
@@ -306,7 +298,7 @@ def test_a_checkpoint_nested_100000_deep_is_skipped_for_the_previous_one(
     _cli(tmp_path, "--epochs", "1", "--max-steps", "8", "--checkpoint-every", "4")
     damaged = _folder(tmp_path, 8)
     (damaged / "rank0.json").write_text("[" * 100_000 + "]" * 100_000)
-    _rewrite_manifest(damaged)
+    rewrite_manifest(damaged)
     capfd.readouterr()
     summary = _cli(tmp_path, "--epochs", "1", "--max-steps", "12", "--resume", "auto")
     assert summary["resumed_from"] == str(_folder(tmp_path, 4)) and summary["steps"] == 12
@@ -337,7 +329,7 @@ def test_a_state_that_only_one_rank_cannot_use_is_skipped_on_every_rank(tmp_path
     tree = json.loads((damaged / "rank1.json").read_text())
     del tree["sampler"]
     (damaged / "rank1.json").write_text(json.dumps(tree))
-    _rewrite_manifest(damaged)
+    rewrite_manifest(damaged)
     summaries = run_world(_train, 2, out, {"max_steps": 12, "resume": "auto"}, timeout=90)
     for summary in summaries:
         assert summary["resumed_from"].endswith("step_00000004") and summary["steps"] == 12
