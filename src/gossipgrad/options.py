@@ -76,6 +76,12 @@ class GossipOptions:
             delayed mixing still contracts (``gossipgrad.mixing.delayed_weight``). Costs
             ``S // gossip_every`` more pairs of model-sized buffers (allocated when wrapping);
             needs ``sync=False`` and ``params`` mode.
+        outer_lr: learning rate of the outer step (DiLoCo, NoLoCo): at each exchange the change
+            since the last one is a pseudo-gradient, and the replica moves from its slow
+            weights by ``outer_lr`` times the Nesterov step on the pair-averaged pseudo-gradient.
+            ``1.0`` with ``outer_momentum=0`` is plain gossip (no outer step, the default).
+        outer_momentum: Nesterov momentum of the outer step, in ``[0, 1)``; DiLoCo uses 0.9
+            with ``outer_lr=0.7``. Needs ``params`` mode, no tracking, no staleness, no PGA.
     """
 
     sync: bool = False
@@ -91,6 +97,13 @@ class GossipOptions:
     average_every: int = 0
     tracking: bool = False
     max_staleness: int = 0
+    outer_lr: float = 1.0
+    outer_momentum: float = 0.0
+
+    @property
+    def outer_step(self) -> bool:
+        """Whether exchanges end with an outer step (any outer setting other than the default)."""
+        return (self.outer_lr, self.outer_momentum) != (1.0, 0.0)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -175,4 +188,18 @@ def _validate(o: GossipOptions) -> None:
         raise ValueError(
             f"max_staleness={o.max_staleness} needs sync=False and mode='params' (sync waits for "
             "every message in its own step; gradients are averaged in their own step)"
+        )
+    for name, bounds, ok in (
+        ("outer_lr", "in (0, 4]", lambda v: 0 < v <= 4),
+        ("outer_momentum", "in [0, 1)", lambda v: 0 <= v < 1),
+    ):
+        value = getattr(o, name)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or not ok(value):
+            raise ValueError(f"{name} must be a number {bounds}, got {value!r}")
+    if o.outer_step and (o.mode != "params" or o.tracking or o.max_staleness or o.average_every):
+        raise ValueError(
+            f"an outer step (outer_lr={o.outer_lr}, outer_momentum={o.outer_momentum}) needs "
+            "mode='params' and no tracking, max_staleness or average_every: leave outer_lr=1 "
+            "and outer_momentum=0, or turn those off"
         )
