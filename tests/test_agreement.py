@@ -36,6 +36,8 @@ OTHER: dict[str, Any] = {
     "average_every": 3,
     "tracking": True,
     "max_staleness": 2,
+    "outer_lr": 0.7,
+    "outer_momentum": 0.9,
 }
 
 
