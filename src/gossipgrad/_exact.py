@@ -73,7 +73,7 @@ def _inverse(world_size: int, seed: int, rnd: int) -> tuple[int, ...]:
 @cache
 def _stages(n: int) -> tuple[int, tuple[int, ...]]:
     """``(period, factors)``: the factorisation of ``n`` into leaves with the shortest period."""
-    best = (_leaf_length(n), (n,))
+    best: tuple[int, tuple[int, ...]] = (_leaf_length(n), (n,))
     for f in range(2, math.isqrt(n) + 1):
         if n % f == 0:
             (len_a, fac_a), (len_b, fac_b) = _stages(f), _stages(n // f)

@@ -11,6 +11,7 @@ traffic and record the order of calls.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -95,7 +96,7 @@ def start(
     )
     for b, (s, r) in enumerate(zip(sends, recvs, strict=True), start=index):
         lane = lanes[b % len(lanes)]
-        posts = []
+        posts: list[tuple[Callable[..., dist.Work | None], torch.Tensor, int, str, int]] = []
         if src is not None and recv_from is not None:
             posts.append((dist.irecv, r, src, "receive from", recv_from))
         if dst is not None and send_to is not None:
@@ -107,6 +108,7 @@ def start(
                 rank = dist.get_rank(group)
                 label = where or f"step {step}"
                 raise PeerError(_explain(exc, what, peer, rank, label, None), peer) from exc
+            assert work is not None, "a lane holds both ranks of every exchange"
             works.append((work, what, peer))
     return InFlight(works, step, where=where)
 

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from gossipgrad import _setup
-from gossipgrad.collectives import Scratch, average_, consensus_distance
+from gossipgrad.collectives import Scratch, average_, consensus_distance, world_group
 from gossipgrad.mixing import constant_buffers, replica_tensors
 from gossipgrad.options import GossipOptions, check_bucket_cap
 
@@ -38,7 +38,7 @@ class AllReduceDataParallel(DistributedDataParallel):
         super().__init__(
             module, process_group=process_group, bucket_cap_mb=bucket_cap_mb, **ddp_options
         )
-        self.group = process_group if process_group is not None else dist.group.WORLD
+        self.group = process_group if process_group is not None else world_group()
         self.world_size = dist.get_world_size(self.group)
         self.step = 0
         self.timeout = timeout  # of consensus_distance and average_replicas (gloo)

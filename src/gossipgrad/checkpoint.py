@@ -612,7 +612,7 @@ def _is_key(key: Any) -> bool:
 
 
 def _template(leaf: dict[str, Any], path: Path) -> torch.Tensor:
-    shape = leaf.get("shape")
+    shape: Any = leaf.get("shape")
     ok = isinstance(shape, list) and all(
         isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
     )

@@ -27,6 +27,17 @@ from gossipgrad.errors import PeerError
 from gossipgrad.mixing import Bucket, make_buckets, pack_, views
 
 
+def world_group() -> dist.ProcessGroup:
+    """The default process group (``dist.group.WORLD``), typed: ``init_process_group`` first."""
+    group = dist.group.WORLD
+    if group is None:
+        raise RuntimeError(
+            "torch.distributed is not initialised: call torch.distributed.init_process_group() "
+            "(torchrun sets the environment it reads) before wrapping the model"
+        )
+    return group
+
+
 def arrive(group: dist.ProcessGroup | None, timeout: timedelta | None, what: str) -> None:
     """Wait until every rank of ``group`` reaches this point (``what``, for the message); raise
     ``PeerError`` naming the ranks that did not within ``timeout``. No-op without a timeout, in a
@@ -103,7 +114,7 @@ def name_the_absent(
 
 def _roll_call(store: dist.Store, rank: int, world: int, grace: timedelta) -> set[int]:
     """Note this rank as present, wait up to ``grace`` for every rank; the ranks present."""
-    previous = store.timeout
+    previous = store.timeout  # type: ignore[attr-defined]  # in torch, missing from its stubs
     store.set_timeout(grace)
     try:
         keys = [f"{_PRESENT}/{r}" for r in range(world)]
@@ -249,8 +260,8 @@ def group_timeout(group: dist.ProcessGroup | None) -> timedelta | None:
     """The timeout ``group`` was created with (``init_process_group(timeout=...)``), or None
     where torch does not tell it (its backend's options are private API)."""
     try:
-        pg = group if group is not None else dist.group.WORLD
-        backend = pg._get_backend(torch.device("cpu"))  # type: ignore[union-attr]
+        pg = group if group is not None else world_group()
+        backend = pg._get_backend(torch.device("cpu"))
         timeout = backend.options._timeout
     except (AttributeError, RuntimeError, TypeError, ValueError):
         return None

@@ -101,7 +101,8 @@ def targets_of(dataset: Any) -> torch.Tensor | None:
         labels = None if base is None else base[torch.as_tensor(list(dataset.indices))]
     elif isinstance(dataset, ConcatDataset):
         parts = [targets_of(d) for d in dataset.datasets]
-        labels = None if any(p is None for p in parts) else torch.cat(parts)  # type: ignore[arg-type]
+        known = [p for p in parts if p is not None]
+        labels = torch.cat(known) if len(known) == len(parts) else None
     elif getattr(dataset, "targets", None) is not None:
         labels = torch.as_tensor(dataset.targets)
     elif isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
@@ -127,8 +128,8 @@ def _digits(*, seed: int, test_fraction: float = 0.2) -> tuple[Dataset, Dataset,
     mean, std = x_train.mean(), x_train.std()
 
     def _tensors(x: np.ndarray, y: np.ndarray) -> TensorDataset:
-        x = torch.as_tensor((x - mean) / std, dtype=torch.float32).reshape(-1, 1, 8, 8)
-        return TensorDataset(x, torch.as_tensor(y, dtype=torch.long))
+        inputs = torch.as_tensor((x - mean) / std, dtype=torch.float32).reshape(-1, 1, 8, 8)
+        return TensorDataset(inputs, torch.as_tensor(y, dtype=torch.long))
 
     info = DatasetInfo("digits", "classification", (1, 8, 8), 10)
     return _tensors(x_train, y_train), _tensors(x_test, y_test), info
@@ -284,15 +285,17 @@ def _imagefolder(
     )
     held_out = [folder / s for s in ("val", "test") if (folder / s).is_dir()]
     if (folder / "train").is_dir() and held_out:
-        train = datasets.ImageFolder(str(folder / "train"), transform=transform)
+        images = datasets.ImageFolder(str(folder / "train"), transform=transform)
+        train: Dataset = images
         test: Dataset = datasets.ImageFolder(str(held_out[0]), transform=transform)
+        classes = len(images.classes)
     else:
         everything = datasets.ImageFolder(str(folder), transform=transform)
         order = torch.randperm(len(everything), generator=torch.Generator().manual_seed(seed))
         n_test = max(1, int(len(everything) * test_fraction))
         train = Subset(everything, order[n_test:].tolist())
         test = Subset(everything, order[:n_test].tolist())
-    classes = len(train.dataset.classes if isinstance(train, Subset) else train.classes)
+        classes = len(everything.classes)
     shape = (3, image_size, image_size)
     return train, test, DatasetInfo(folder.name, "classification", shape, classes)
 
@@ -337,13 +340,13 @@ def _infer_info(spec: str, train: Any, test: Any) -> DatasetInfo:
     x, y = torch.as_tensor(sample[0]), torch.as_tensor(sample[1])
     if y.dim() != 0 or y.is_floating_point():
         raise ValueError(f"{spec!r}: cannot infer the task from a non-class target; {advice}")
-    labels = [targets_of(train), targets_of(test)]
-    if labels[0] is None or labels[1] is None:
+    train_labels, test_labels = targets_of(train), targets_of(test)
+    if train_labels is None or test_labels is None:
         raise ValueError(
             f"{spec!r}: cannot infer the number of classes (give the datasets a 'targets' "
             f"attribute or use TensorDataset), or {advice}"
         )
-    classes = int(max(int(t.max()) for t in labels)) + 1  # type: ignore[union-attr]
+    classes = max(int(train_labels.max()), int(test_labels.max())) + 1
     return DatasetInfo(spec, "classification", tuple(x.shape), classes)
 
 

@@ -4,6 +4,9 @@ writes it into a scratch module first (``TrainingLoop._average_into``)."""
 
 from __future__ import annotations
 
+from collections.abc import Sized
+from typing import cast
+
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -23,7 +26,7 @@ def evaluate(
     was_training = module.training
     module.eval()
     meter = Meter(device)
-    share = Subset(dataset, range(rank, len(dataset), world))
+    share = Subset(dataset, range(rank, len(cast(Sized, dataset)), world))
     # its own generator: a DataLoader draws its base seed from the global RNG otherwise, and an
     # evaluation mid-run must not change what training draws next
     for x, y in DataLoader(share, batch_size=batch_size, generator=torch.Generator()):

@@ -33,10 +33,10 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -156,7 +156,7 @@ class TrainingLoop:
             self.loader = DataLoader(
                 self.train_set,
                 batch_size=cfg.batch_size,
-                sampler=self.sampler,  # type: ignore[arg-type]
+                sampler=self.sampler,
                 drop_last=True,
                 generator=torch.Generator(),  # leaves the global RNG alone (exact resume)
             )
@@ -224,9 +224,9 @@ class TrainingLoop:
             loss = task_loss(output, y, self.cfg.label_smoothing)
         weight = 1.0 if self.batches is None else self.batches.weight(len(y))
         self.recipe.backward_and_step(loss * weight if weight != 1.0 else loss, self.module)
-        if self.batches is not None:
+        if self.batches is not None and isinstance(self.sampler, GossipShuffleSampler):
             busy = time.perf_counter() - began - (self._wait_time_s() - waited)
-            self.sampler.report_speed(len(y), max(busy, 1e-9))  # type: ignore[attr-defined]
+            self.sampler.report_speed(len(y), max(busy, 1e-9))
         self.progress.step += 1
         self.progress.samples += len(y)
         self.progress.bytes_sent += self.model.bytes_sent_last_step
@@ -253,7 +253,7 @@ class TrainingLoop:
         self._arrive(f"the metrics record of step {progress.step}")
         totals = progress.meter.reduce()
         now = self.watch.elapsed()
-        entry = {
+        entry: dict[str, Any] = {
             "step": progress.step,
             "epoch": progress.epoch,
             "time": now,
@@ -533,7 +533,8 @@ class TrainingLoop:
             return
         params = sum(p.numel() for p in self.module.parameters())
         ranks = f"{self.world} rank{'' if self.world == 1 else 's'}"
-        data = f"{self.info.name} ({len(self.train_set)} train / {len(self.test_set)} test)"  # type: ignore[arg-type]
+        sizes = [len(cast(Sized, d)) for d in (self.train_set, self.test_set)]
+        data = f"{self.info.name} ({sizes[0]} train / {sizes[1]} test)"
         steps = f"{self.total_steps} steps of {self.cfg.batch_size} per rank"
         print(
             f"{self.algo}: {ranks}, {data}, {self.model_name} ({params:,} parameters), "

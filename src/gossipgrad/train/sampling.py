@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sized
 from datetime import timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
-from torch.utils.data import DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
 
 from gossipgrad.sampler import GossipShuffleSampler
 from gossipgrad.train.config import TrainConfig
@@ -65,12 +65,12 @@ class ResumableDistributedSampler(DistributedSampler):
         self.yielded = self._resume_at = int(state["yielded"])
 
 
-def make_sampler(cfg: TrainConfig, algo: str, dataset: Sized) -> JobSampler:
+def make_sampler(cfg: TrainConfig, algo: str, dataset: Dataset) -> JobSampler:
     """Gossip (flat or hierarchical) shuffles shards between partners; all-reduce uses
     DistributedSampler's global reshuffle (the usual DDP setup)."""
     if algo in ("gossip", "hierarchical"):
         return GossipShuffleSampler(
-            dataset,
+            cast(Sized, dataset),  # a map-style dataset: the job's datasets all have a length
             seed=cfg.seed,
             drop_last=not cfg.balance,  # balanced batches visit every sample once instead
             balance=cfg.balance,
@@ -78,7 +78,7 @@ def make_sampler(cfg: TrainConfig, algo: str, dataset: Sized) -> JobSampler:
             schedule=cfg.schedule,
             timeout=timedelta(seconds=cfg.timeout_s),
         )
-    return ResumableDistributedSampler(dataset, seed=cfg.seed, drop_last=True)  # type: ignore[arg-type]
+    return ResumableDistributedSampler(dataset, seed=cfg.seed, drop_last=True)
 
 
 def move_to(sampler: JobSampler, epoch: int, yielded: int) -> None:
