@@ -18,9 +18,7 @@ from gossipgrad.allreduce import AllReduceDataParallel
 from gossipgrad.contract import DataParallel
 from gossipgrad.gossip import GossipDataParallel
 from gossipgrad.hierarchical import HierarchicalDataParallel
-from gossipgrad.options import GossipOptions
-
-ALGOS: tuple[str, ...] = ("gossip", "allreduce", "hierarchical")
+from gossipgrad.options import ALGOS, GossipOptions
 
 
 def wrap(

@@ -1,38 +1,56 @@
-"""The gossip engine's options, defined and validated in one place.
+"""The gossip engine's options: each one defined once, as a field of ``GossipOptions``.
 
-    options = GossipOptions(sync=True, wire_dtype=torch.bfloat16)  # ValueError on a bad value
+    options = GossipOptions(sync=True, wire_dtype=torch.bfloat16)  # ConfigError on a bad value
     model = GossipDataParallel(module, options)     # or by keyword: (module, sync=True)
 
-``GossipDataParallel`` and ``HierarchicalDataParallel`` take a ``GossipOptions``, ``wrap`` forwards
-one, ``gossipgrad train`` maps its flags onto one (``TrainConfig.gossip_options``) and the virtual
-cluster reads the same fields. A new engine option is a field here (with its check in
-``_validate``), its test, and its row in the README.
+``GossipDataParallel`` and ``HierarchicalDataParallel`` take a ``GossipOptions``, ``wrap``
+forwards one, and the virtual cluster reads the same fields. A field's definition (``_option``)
+holds its default, its help text, the values it allows (a range, choices or a check) and, where
+they differ, its command-line name and form (``--bucket-mb``; ``--timeout-s`` in seconds;
+``--wire-dtype`` by name). ``gossipgrad train``'s flags, TOML keys and messages
+(``command_line``) and the options table (``options_markdown``) are generated from these
+definitions, so a new engine option is one field here and its test. Rules about several options
+at once are plain code in ``_check_together``.
 
-Every choice set and default of the engine lives here too, spelt once.
+Nothing here imports torch (``gossipgrad train --help`` stays instant): a wire dtype is checked
+by its name.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, fields, replace
+import sys
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from gossipgrad._spec import Allowed, Cli, Option, option_of, table
 from gossipgrad.schedule import SCHEDULES
 
+if TYPE_CHECKING:
+    import torch
+
+ALGOS: tuple[str, ...] = ("gossip", "allreduce", "hierarchical")  # what gossipgrad.wrap builds
 MODES: tuple[str, ...] = ("params", "gradients")
 ON_NONFINITE: tuple[str, ...] = ("raise", "skip")
-# The payload dtypes on the wire, by the name the command line uses.
-WIRE_DTYPES: dict[str, torch.dtype | None] = {
-    "none": None,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "int8": torch.int8,  # blockwise quantized (gossipgrad._quantize): 3.9x fewer bytes
-}
+# The payload dtypes on the wire by name (int8: blockwise quantized, gossipgrad._quantize);
+# WIRE_DTYPES maps them to torch dtypes.
+WIRE: tuple[str, ...] = ("none", "bfloat16", "float16", "int8")
 MAX_STREAMS = 16
-MAX_STALENESS = 1024
+MAX_STALENESS = 1024  # messages of exchanges in flight are told apart by their step
+MAX_SEED = 2**63 - 1  # the shuffle's agreement check holds seeds in an int64
+_MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a week; a datetime.timedelta overflows far beyond
+
+
+class ConfigError(ValueError):
+    """A bad option value, or options that do not go together, in one line naming the option.
+    ``option`` is the field it is about, so a caller that names options otherwise (a
+    command-line flag) can say so without reading the message."""
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
 
 
 class UnknownOptionError(TypeError, ValueError):
@@ -40,65 +58,149 @@ class UnknownOptionError(TypeError, ValueError):
     and a ``ValueError`` like every other bad option."""
 
 
+def _option(
+    default: Any, help: str, *, flag: str = "", cli: Cli | None = None, **allowed: Any
+) -> Any:
+    """A field of ``GossipOptions``: its default, help text and allowed values (``Allowed``'s
+    keywords), and its command-line ``flag`` and form (``cli``) where they differ."""
+    return field(default=default, metadata={"option": Option(help, Allowed(**allowed), flag, cli)})
+
+
+# --- the options --------------------------------------------------------------------------------
+
+
+def wire_name(dtype: object) -> str | None:
+    """A wire dtype's name (``torch.bfloat16``: ``"bfloat16"``; ``None``: ``"none"``), or None
+    for any other value. Never imports torch: a dtype given means torch is imported already."""
+    if dtype is None:
+        return "none"
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(dtype, torch.dtype):
+        return None
+    name = str(dtype).removeprefix("torch.")
+    return name if name in WIRE else None
+
+
+def _wire_dtype(name: str) -> torch.dtype | None:
+    """``"bfloat16"``: ``torch.bfloat16`` (imports torch); ``"none"``: None."""
+    if name == "none":
+        return None
+    import torch
+
+    return getattr(torch, name)
+
+
+def _is_wire_dtype(value: object) -> bool:
+    return wire_name(value) is not None
+
+
+def _is_positive_timedelta(value: object) -> bool:
+    return isinstance(value, timedelta) and value.total_seconds() > 0
+
+
+def _seconds(value: float) -> timedelta:
+    return timedelta(seconds=value)
+
+
 @dataclass(frozen=True)
 class GossipOptions:
-    """How the gossip engine exchanges and mixes (see the README's options table).
+    """How the gossip engine exchanges and mixes. Every field is checked when the options are
+    made (``ConfigError``, a ``ValueError``); ``options_markdown()`` tables them."""
 
-    Attributes:
-        sync: wait for each exchange before computing, instead of overlapping it.
-        mode: ``"params"`` (mix parameters with the partner) or ``"gradients"`` (average only
-            the gradients; for comparison, replicas drift apart).
-        schedule: partner schedule, one of ``gossipgrad.schedule.SCHEDULES``.
-        seed: seeds the schedule's rotation; must be equal on every rank.
-        bucket_cap_mb: largest flat buffer sent as one message, in MiB.
-        timeout: how long to wait for a partner (or a collective) before raising ``PeerError``.
-        on_nonfinite: ``"raise"`` a ``NonFiniteError`` on NaN/inf in local or received
-            parameters, or ``"skip"`` mixing that bucket with a warning.
-        wire_dtype: send floating-point payloads in this dtype (``torch.bfloat16`` or
-            ``torch.float16``: half the bytes; ``torch.int8``: blockwise quantized, 3.9x fewer
-            bytes); mixing still keeps the replicas' average exactly.
-        streams: connections per partner to spread the buckets over (gloo: one TCP stream each;
-            NCCL ignores it).
-        gossip_every: exchange with a partner every ``K`` steps (local steps between; the
-            exchange travels during the ``K`` steps); ``params`` mode.
-        average_every: every ``H`` steps, replace every replica by the exact average (one
-            all-reduce; Gossip-PGA); 0: never.
-        tracking: gradient tracking (DIGing / NEXT): each rank also gossips ``y``, its estimate
-            of the average gradient (``y <- W y + g_t - g_{t-1}``, so the mean of the ``y`` is
-            the mean gradient), and its optimizer steps along ``y`` instead of its own
-            gradient. For data that differs between ranks (label skew), and adaptive or
-            orthogonalizing optimizers (AdamW, Muon). Twice the bytes per exchange.
-        max_staleness: mix each exchange ``S`` steps later than it is due (SGP's overlap
-            with a delay tau, bounded staleness): a rank runs up to ``S`` steps ahead of a slow
-            partner and waits only for a message more than ``S`` steps overdue. Every message
-            is still mixed exactly once (residual form), so the replicas' average is kept; the
-            arithmetic does not depend on timing; the mixing weight shrinks with ``S`` so that
-            delayed mixing still contracts (``gossipgrad.mixing.delayed_weight``). Costs
-            ``S // gossip_every`` more pairs of model-sized buffers (allocated when wrapping);
-            needs ``sync=False`` and ``params`` mode.
-        outer_lr: learning rate of the outer step (DiLoCo, NoLoCo): at each exchange the change
-            since the last one is a pseudo-gradient, and the replica moves from its slow
-            weights by ``outer_lr`` times the Nesterov step on the pair-averaged pseudo-gradient.
-            ``1.0`` with ``outer_momentum=0`` is plain gossip (no outer step, the default).
-        outer_momentum: Nesterov momentum of the outer step, in ``[0, 1)``; DiLoCo uses 0.9
-            with ``outer_lr=0.7``. Needs ``params`` mode, no tracking, no staleness, no PGA.
-    """
-
-    sync: bool = False
-    mode: str = "params"
-    schedule: str = "dissemination"
-    seed: int = 0
-    bucket_cap_mb: float = 25.0
-    timeout: timedelta = timedelta(minutes=5)
-    on_nonfinite: str = "raise"
-    wire_dtype: torch.dtype | None = None
-    streams: int = 1
-    gossip_every: int = 1
-    average_every: int = 0
-    tracking: bool = False
-    max_staleness: int = 0
-    outer_lr: float = 1.0
-    outer_momentum: float = 0.0
+    sync: bool = _option(
+        False, "wait for each exchange before computing, instead of overlapping it"
+    )
+    mode: str = _option(
+        "params",
+        "what gossip mixes with the partner: params, or gradients (only the gradients are "
+        "averaged; for comparison, the replicas drift apart)",
+        choices=MODES,
+    )
+    schedule: str = _option(
+        "dissemination", "partner schedule (gossipgrad.schedule)", choices=SCHEDULES
+    )
+    seed: int = _option(
+        0, "seeds the schedule's rotation; must be equal on every rank", low=0, high=MAX_SEED
+    )
+    bucket_cap_mb: float = _option(
+        25.0, "largest flat buffer sent as one message, in MiB", above=0, flag="--bucket-mb"
+    )
+    timeout: timedelta = _option(
+        timedelta(minutes=5),
+        "how long to wait for a partner (or a collective) before raising PeerError; in seconds "
+        "on the command line",
+        check=_is_positive_timedelta,
+        text="a positive datetime.timedelta",
+        flag="--timeout-s",
+        cli=Cli("float", Allowed(above=0, high=_MAX_TIMEOUT_S), _seconds, timedelta.total_seconds),
+    )
+    on_nonfinite: str = _option(
+        "raise",
+        "on NaN/inf in local or received parameters: raise a NonFiniteError, or skip mixing "
+        "that bucket (with a warning)",
+        choices=ON_NONFINITE,
+    )
+    wire_dtype: torch.dtype | None = _option(
+        None,
+        "send floating-point payloads as bfloat16 or float16 (half the bytes), or int8 "
+        "(blockwise quantized, 3.9x fewer bytes; params mode); mixing still keeps the replicas' "
+        "average exactly",
+        check=_is_wire_dtype,
+        text="None, torch.bfloat16, torch.float16 or torch.int8",
+        cli=Cli("str", Allowed(choices=WIRE), _wire_dtype, wire_name),
+    )
+    streams: int = _option(
+        1,
+        "connections per partner to spread the buckets over (gloo: one TCP stream each; NCCL "
+        "ignores it)",
+        low=1,
+        high=MAX_STREAMS,
+    )
+    gossip_every: int = _option(
+        1,
+        "exchange with a partner every K steps, local steps between (the exchange travels "
+        "during the K steps); params mode",
+        low=1,
+    )
+    average_every: int = _option(
+        0,
+        "every H steps, replace every replica by the exact average (one all-reduce; "
+        "Gossip-PGA); 0: never",
+        low=0,
+    )
+    tracking: bool = _option(
+        False,
+        "gradient tracking (DIGing/NEXT): also gossip an estimate of the average gradient and "
+        "step along it, for data that differs between ranks and for adaptive or orthogonalizing "
+        "optimizers (AdamW, Muon); twice the bytes per exchange; params mode",
+    )
+    max_staleness: int = _option(
+        0,
+        "bounded staleness (SGP's delayed mixing): mix each exchange S steps after it is due, "
+        "so a rank runs up to S steps ahead of a slow partner before it waits; every message is "
+        "still mixed once (the average is kept) with a weight that shrinks with S; costs "
+        "S // gossip_every more pairs of model-sized buffers; needs sync off and params mode",
+        low=0,
+        below=MAX_STALENESS,
+        text=f"an integer >= 0 and below {MAX_STALENESS} (messages of exchanges in flight are "
+        "told apart by their step)",
+    )
+    outer_lr: float = _option(
+        1.0,
+        "learning rate of the outer step (DiLoCo, NoLoCo): at each exchange the change since "
+        "the last one is a pseudo-gradient, and the replica moves from its slow weights by "
+        "outer_lr times the Nesterov step on the pair-averaged pseudo-gradient; 1 with "
+        "outer_momentum 0 is plain gossip (no outer step)",
+        above=0,
+        high=4,
+    )
+    outer_momentum: float = _option(
+        0.0,
+        "Nesterov momentum of the outer step (DiLoCo: 0.9 with outer_lr 0.7); an outer step "
+        "needs params mode and no tracking, max_staleness or average_every",
+        low=0,
+        below=1,
+    )
 
     @property
     def outer_step(self) -> bool:
@@ -106,7 +208,9 @@ class GossipOptions:
         return (self.outer_lr, self.outer_momentum) != (1.0, 0.0)
 
     def __post_init__(self) -> None:
-        _validate(self)
+        for f in fields(self):
+            check_option(f.name, getattr(self, f.name))
+        _check_together(self)
 
     @property
     def bucket_cap_bytes(self) -> int:
@@ -130,76 +234,119 @@ class GossipOptions:
         return replace(options or cls(), **overrides)
 
 
+# --- checks -------------------------------------------------------------------------------------
+
+
+def check_option(name: str, value: Any) -> None:
+    """Raise ``ConfigError`` unless ``value`` is allowed for the option ``name`` on its own."""
+    f = next(f for f in fields(GossipOptions) if f.name == name)
+    allowed = option_of(f).allowed
+    if not allowed.allows(str(f.type), value):
+        raise ConfigError(f"{name} must be {allowed.requirement(str(f.type))}, got {value!r}", name)
+
+
 def check_bucket_cap(bucket_cap_mb: object) -> None:
-    """Raise ``ValueError`` unless ``bucket_cap_mb`` is a finite number > 0 (MiB)."""
-    ok = isinstance(bucket_cap_mb, (int, float)) and not isinstance(bucket_cap_mb, bool)
-    if not ok or not math.isfinite(bucket_cap_mb) or bucket_cap_mb <= 0:  # type: ignore[arg-type]
-        raise ValueError(f"bucket_cap_mb must be a finite number > 0 (MiB), got {bucket_cap_mb!r}")
+    """Raise ``ConfigError`` unless ``bucket_cap_mb`` is a finite number > 0 (MiB)."""
+    check_option("bucket_cap_mb", bucket_cap_mb)
 
 
-def check_timeout(timeout: object) -> None:
-    """Raise ``ValueError`` unless ``timeout`` is a positive ``datetime.timedelta``."""
-    if not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0:
-        raise ValueError(f"timeout must be a positive datetime.timedelta, got {timeout!r}")
-
-
-def _validate(o: GossipOptions) -> None:
-    for name in ("sync", "tracking"):
-        if not isinstance(getattr(o, name), bool):
-            raise ValueError(f"{name} must be True or False, got {getattr(o, name)!r}")
-    if o.mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {o.mode!r}")
-    if o.schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {o.schedule!r}")
-    if isinstance(o.seed, bool) or not isinstance(o.seed, int) or not 0 <= o.seed < 2**63:
-        raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {o.seed!r}")
-    check_bucket_cap(o.bucket_cap_mb)
-    check_timeout(o.timeout)
-    if o.on_nonfinite not in ON_NONFINITE:
-        raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {o.on_nonfinite!r}")
-    if not any(o.wire_dtype is d for d in WIRE_DTYPES.values()):
-        raise ValueError(
-            f"wire_dtype must be None, torch.bfloat16, torch.float16 or torch.int8, "
-            f"got {o.wire_dtype!r}"
+def _check_together(o: GossipOptions) -> None:
+    """The rules about several options at once; each error names the option to change."""
+    if wire_name(o.wire_dtype) == "int8" and o.mode != "params":
+        raise ConfigError(
+            "wire_dtype=torch.int8 needs mode='params' (gradients travel as floats)", "wire_dtype"
         )
-    if o.wire_dtype is torch.int8 and o.mode != "params":
-        raise ValueError("wire_dtype=torch.int8 needs mode='params' (gradients travel as floats)")
-    if isinstance(o.streams, bool) or not isinstance(o.streams, int):
-        raise ValueError(f"streams must be an integer in [1, {MAX_STREAMS}], got {o.streams!r}")
-    if not 1 <= o.streams <= MAX_STREAMS:
-        raise ValueError(f"streams must be an integer in [1, {MAX_STREAMS}], got {o.streams!r}")
-    for name, low in (("gossip_every", 1), ("average_every", 0), ("max_staleness", 0)):
-        value = getattr(o, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if o.tracking and o.mode != "params":
-        raise ValueError("tracking=True needs mode='params' (it gossips parameters and trackers)")
-    if o.gossip_every > 1 and o.mode != "params":
-        raise ValueError(
-            f"gossip_every={o.gossip_every} needs mode='params' (local steps between exchanges "
-            "of gradients would drop those gradients); use gossip_every=1 with mode='gradients'"
+        raise ConfigError(
+            "tracking=True needs mode='params' (it gossips parameters and trackers)", "tracking"
         )
-    if o.max_staleness >= MAX_STALENESS:
-        raise ValueError(
-            f"max_staleness must be below {MAX_STALENESS} steps (messages of exchanges in flight "
-            f"are told apart by their step), got {o.max_staleness}"
+    if o.gossip_every > 1 and o.mode != "params":
+        raise ConfigError(
+            f"gossip_every={o.gossip_every} needs mode='params' (local steps between exchanges "
+            "of gradients would drop those gradients); use gossip_every=1 with mode='gradients'",
+            "gossip_every",
         )
     if o.max_staleness and (o.sync or o.mode != "params"):
-        raise ValueError(
+        raise ConfigError(
             f"max_staleness={o.max_staleness} needs sync=False and mode='params' (sync waits for "
-            "every message in its own step; gradients are averaged in their own step)"
+            "every message in its own step; gradients are averaged in their own step)",
+            "max_staleness",
         )
-    for name, bounds, ok in (
-        ("outer_lr", "in (0, 4]", lambda v: 0 < v <= 4),
-        ("outer_momentum", "in [0, 1)", lambda v: 0 <= v < 1),
-    ):
-        value = getattr(o, name)
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not number or not math.isfinite(value) or not ok(value):
-            raise ValueError(f"{name} must be a number {bounds}, got {value!r}")
     if o.outer_step and (o.mode != "params" or o.tracking or o.max_staleness or o.average_every):
-        raise ValueError(
+        raise ConfigError(
             f"an outer step (outer_lr={o.outer_lr}, outer_momentum={o.outer_momentum}) needs "
             "mode='params' and no tracking, max_staleness or average_every: leave outer_lr=1 "
-            "and outer_momentum=0, or turn those off"
+            "and outer_momentum=0, or turn those off",
+            "outer_lr" if o.outer_lr != 1.0 else "outer_momentum",
         )
+
+
+# --- generated: the command line's flags, the table, the docstring ------------------------------
+
+
+@dataclass(frozen=True)
+class Flag:
+    """An engine option as ``gossipgrad train`` takes it: the flag ``--{name}`` (``-`` for
+    ``_``) and TOML key ``name``, a value of ``kind`` among ``allowed``, which ``to_engine``
+    turns into the ``option``'s value."""
+
+    option: str
+    name: str
+    kind: str
+    default: Any
+    help: str
+    allowed: Allowed
+    to_engine: Callable[[Any], Any]
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def command_line() -> tuple[Flag, ...]:
+    """Every engine option as a command-line flag, in field order."""
+    flags = []
+    for f in fields(GossipOptions):
+        o = option_of(f)
+        name = (o.flag or f.name).removeprefix("--").replace("-", "_")
+        if o.cli is None:
+            flags.append(Flag(f.name, name, str(f.type), f.default, o.help, o.allowed, _same))
+        else:
+            default = o.cli.from_engine(f.default)
+            flags.append(
+                Flag(f.name, name, o.cli.kind, default, o.help, o.cli.allowed, o.cli.to_engine)
+            )
+    return tuple(flags)
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def options_markdown() -> str:
+    """The engine's options as a markdown table: option, flag, allowed values, default, meaning."""
+    rows = []
+    for f, flag in zip(fields(GossipOptions), command_line(), strict=True):
+        o = option_of(f)
+        allowed, default = o.allowed.requirement(str(f.type)), f"`{f.default!r}`"
+        if o.cli is not None:
+            allowed += f" (the flag: {o.cli.allowed.requirement(o.cli.kind)})"
+            default += f" (`{flag.default!r}`)"
+        rows.append((f"`{f.name}`", f"`{flag.flag}`", allowed, default, o.help))
+    return table(("option", "flag", "allowed", "default", "meaning"), rows)
+
+
+def __getattr__(name: str) -> Any:
+    """``WIRE_DTYPES``, the wire dtypes by name, imports torch when first used (PEP 562)."""
+    if name == "WIRE_DTYPES":
+        return {wire: _wire_dtype(wire) for wire in WIRE}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+GossipOptions.__doc__ = f"{GossipOptions.__doc__}\n\n    Attributes:\n" + "".join(
+    textwrap.fill(
+        f"{f.name}: {option_of(f).help}.", 96, initial_indent=" " * 8, subsequent_indent=" " * 12
+    )
+    + "\n"
+    for f in fields(GossipOptions)
+)

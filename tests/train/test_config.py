@@ -127,35 +127,6 @@ def test_eval_every_from_the_command_line() -> None:
         load_config(["--eval-every", "-1"])
 
 
-def test_the_torch_free_choice_sets_equal_the_engines() -> None:
-    from gossipgrad import engines, options, schedule
-    from gossipgrad.train import choices
-
-    assert choices.ENGINE_ALGOS == engines.ALGOS
-    assert choices.SCHEDULES == schedule.SCHEDULES
-    assert choices.MODES == options.MODES
-    assert choices.ON_NONFINITE == options.ON_NONFINITE
-    assert tuple(options.WIRE_DTYPES) == choices.WIRE
-    assert choices.MAX_STREAMS == options.MAX_STREAMS
-    assert choices.MAX_STALENESS == options.MAX_STALENESS
-    engine = options.GossipOptions()
-    names = {v: k for k, v in options.WIRE_DTYPES.items()}
-    assert {
-        "sync": engine.sync,
-        "mode": engine.mode,
-        "schedule": engine.schedule,
-        "bucket_cap_mb": engine.bucket_cap_mb,
-        "timeout_s": engine.timeout.total_seconds(),
-        "on_nonfinite": engine.on_nonfinite,
-        "wire_dtype": names[engine.wire_dtype],
-        "streams": engine.streams,
-        "gossip_every": engine.gossip_every,
-        "average_every": engine.average_every,
-        "tracking": engine.tracking,
-        "max_staleness": engine.max_staleness,
-    } == choices.ENGINE_DEFAULTS
-
-
 def test_a_valid_config_makes_valid_engine_options() -> None:
     cfg = TrainConfig(
         bucket_mb=1e-6, streams=16, timeout_s=7 * 24 * 3600.0, wire_dtype="float16"

@@ -114,6 +114,8 @@ _NUMBERS = {
     "bucket_mb": _Range(float, 0.0, low_open=True),
     "timeout_s": _Range(float, 0.0, 7 * 24 * 3600, low_open=True),
     "consensus_warn": _Range(float, 0.0),
+    "outer_lr": _Range(float, 0.0, 4.0, low_open=True),
+    "outer_momentum": _Range(float, 0.0, 1.0, high_open=True),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "algo": ALGOS,

@@ -1,38 +1,13 @@
-"""The choice sets and engine defaults that ``gossipgrad train``'s options offer, without importing
-torch: ``--help``, ``--version`` and every option error answer before torch is loaded.
-
-The engine's own definitions (``gossipgrad.engines.ALGOS``, ``gossipgrad.schedule.SCHEDULES``,
-``gossipgrad.options``) stay the reference: tests/train/test_config.py checks that every set and
-default here equals the engine's, so a change there that is not made here fails CI.
+"""The choice sets of ``gossipgrad train``'s own options (the engine's are in
+``gossipgrad.options``), without importing torch: ``--help``, ``--version`` and every option
+error answer before torch is loaded. ``gossipgrad.train.data`` and ``gossipgrad.train.models``
+build what ``DATASETS`` and ``MODELS`` name.
 """
 
 from __future__ import annotations
 
-# --- the engine's (gossipgrad.engines, gossipgrad.schedule, gossipgrad.options) -----------------
-ENGINE_ALGOS: tuple[str, ...] = ("gossip", "allreduce", "hierarchical")
-SCHEDULES: tuple[str, ...] = ("dissemination", "dissemination-fixed", "hypercube", "ring", "exact")
-MODES: tuple[str, ...] = ("params", "gradients")
-ON_NONFINITE: tuple[str, ...] = ("raise", "skip")
-WIRE: tuple[str, ...] = ("none", "bfloat16", "float16", "int8")  # options.WIRE_DTYPES
-MAX_STREAMS = 16
-MAX_STALENESS = 1024  # options.MAX_STALENESS: max_staleness stays below it
-# GossipOptions() field by field (timeout in seconds, wire dtype by name)
-ENGINE_DEFAULTS: dict[str, object] = {
-    "sync": False,
-    "mode": "params",
-    "schedule": "dissemination",
-    "bucket_cap_mb": 25.0,
-    "timeout_s": 300.0,
-    "on_nonfinite": "raise",
-    "wire_dtype": "none",
-    "streams": 1,
-    "gossip_every": 1,
-    "average_every": 0,
-    "tracking": False,
-    "max_staleness": 0,
-}
+from gossipgrad.options import ALGOS as ENGINE_ALGOS
 
-# --- the job's (gossipgrad.train.data, gossipgrad.train.models) ---------------------------------
 # local worker processes that `gossipgrad train` starts (each a Python process with torch); more
 # ranks run on several machines under torchrun, which ignores --nproc
 MAX_NPROC = 1024

@@ -1,52 +1,51 @@
-"""The options of ``gossipgrad train``, validated in one place.
+"""The options of ``gossipgrad train``, each defined once.
 
     cfg = load_config(["--lr", "0.1"])             # defaults < --config FILE.toml < command line
     cfg = TrainConfig(lr=0.1).validate()           # in code: ConfigError on a bad value
 
-Every option is a field of ``TrainConfig`` with its help text; the command-line parser and the
-TOML reader are generated from the fields, so ``--help`` lists every option with its default, and
-a TOML file takes the same names (``batch_size`` or ``batch-size``). ``validate`` checks each
-value and raises ``ConfigError`` with one line naming the option and the allowed range.
+``TrainConfig`` holds the job's own options (``JobOptions``: one field each, with its help text
+and allowed values) and the gossip engine's (``EngineFlags``, generated from the fields of
+``gossipgrad.options.GossipOptions``: a new engine option needs nothing here). The command-line
+parser, the TOML reader (the same names: ``batch_size`` or ``batch-size``), ``validate``'s
+one-line messages naming the flag, and ``job_options_markdown`` are all generated from the
+fields. ``gossip_options`` builds the engine's ``GossipOptions``, whose rules about several
+options at once (``--wire-dtype int8`` needs ``--mode params``) name a flag too:
+``gossipgrad train`` calls it before any worker starts.
 
-Nothing here imports torch (``gossipgrad.train.choices`` holds the choice sets), so a bad option
-is answered at once. ``gossip_options`` builds the engine's ``GossipOptions`` (importing torch),
-whose own checks cover what depends on several engine options at once (``--wire-dtype int8``
-needs ``--mode params``): ``gossipgrad train`` calls it before any worker starts.
+Nothing here imports torch, so ``--help`` and a bad option are answered at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import re
 import sys
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
-from datetime import timedelta
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields, make_dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from gossipgrad._spec import Allowed, Option, of_kind, option_of, table
+from gossipgrad.options import (
+    MAX_SEED,
+    MODES,
+    ON_NONFINITE,
+    WIRE,
+    ConfigError,
+    Flag,
+    GossipOptions,
+    command_line,
+)
 from gossipgrad.train.choices import (
     ALGOS,
     AMP,
     DATASETS,
     DEVICES,
-    ENGINE_DEFAULTS,
     LR_SCHEDULES,
     MAX_NPROC,
-    MAX_STALENESS,
-    MAX_STREAMS,
     MODELS,
-    MODES,
-    ON_NONFINITE,
     OPTIMIZERS,
-    SCHEDULES,
-    WIRE,
 )
 from gossipgrad.train.files import DamagedFile, parse_text
 from gossipgrad.train.plugins import import_callable
-
-if TYPE_CHECKING:
-    from gossipgrad.options import GossipOptions
 
 __all__ = [
     "ALGOS",
@@ -54,21 +53,19 @@ __all__ = [
     "MODES",
     "ON_NONFINITE",
     "OPTIMIZERS",
+    "PRESETS",
     "WIRE",
     "ConfigError",
+    "EngineFlags",
+    "JobOptions",
     "TrainConfig",
     "build_parser",
     "check_launch",
-    "PRESETS",
     "flag",
+    "job_options_markdown",
     "load_config",
     "read_toml",
 ]
-_ENGINE: dict[str, Any] = ENGINE_DEFAULTS  # the engine's defaults, which the flags below take
-# Engine options whose flag has another name (field ``bucket_cap_mb``: ``--bucket-mb``), so that
-# an error of ``GossipOptions`` names the flag.
-_FLAG_OF = {"bucket_cap_mb": "bucket_mb", "timeout": "timeout_s"}
-
 
 # Named sets of flag values (``--preset NAME``), applied below the command line and --config.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -84,313 +81,203 @@ def preset_text(name: str) -> str:
     return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in pairs) or "nothing"
 
 
-_MAX_SEED = 2**63 - 1  # the shuffle's agreement check holds seeds in an int64
-_MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a week; a datetime.timedelta overflows far beyond
+def _is_dataset(spec: str) -> bool:
+    return spec in DATASETS or ":" in spec
 
 
-class ConfigError(ValueError):
-    """A bad option value; the message is one line naming the option and what is allowed."""
+def _is_model(spec: str) -> bool:
+    return spec in ("auto", *MODELS) or ":" in spec
 
 
 def _opt(
-    help: str,
-    *,
-    choices: tuple[str, ...] | None = None,
-    shown: str | None = None,
-    bare: str | None = None,
-) -> dict[str, Any]:
-    """Field metadata: help text, allowed values, the default as ``--help`` shows it, and the
-    value of the flag given without a value (``--resume`` alone means ``--resume auto``)."""
-    return {"help": help, "choices": choices, "shown": shown, "bare": bare}
+    default: Any, help: str, *, shown: str | None = None, bare: str | None = None, **allowed: Any
+) -> Any:
+    """A field of ``JobOptions``: its default, help text and allowed values (the keywords of
+    ``gossipgrad._spec.Allowed``), the default as ``--help`` shows it, and the value of the flag
+    given without a value (``--resume`` alone means ``--resume auto``)."""
+    option = Option(help, Allowed(**allowed))
+    return field(default=default, metadata={"option": option, "shown": shown, "bare": bare})
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Every option of ``gossipgrad train`` (and ``python -m gossipgrad.train`` under torchrun)."""
+class JobOptions:
+    """The options of ``gossipgrad train`` besides the engine's; ``--seed`` sets the engine's
+    ``seed`` too."""
 
     # --- what to run
-    algo: str = field(
-        default="both",
-        metadata=_opt("both: one run of each, then a comparison table", choices=ALGOS),
+    algo: str = _opt("both", "both: one run of each, then a comparison table", choices=ALGOS)
+    nproc: int = _opt(
+        4, f"local worker processes, 1 to {MAX_NPROC} (ignored under torchrun)", low=1
     )
-    nproc: int = field(
-        default=4,
-        metadata=_opt(f"local worker processes, 1 to {MAX_NPROC} (ignored under torchrun)"),
+    max_restarts: int = _opt(0, "times the launcher restarts failed workers (torch elastic)", low=0)
+    dataset: str = _opt(
+        "digits",
+        f"{', '.join(DATASETS)}, or your own as module:function",
+        check=_is_dataset,
+        text=f"one of {', '.join(DATASETS)} or module:function",
     )
-    max_restarts: int = field(
-        default=0, metadata=_opt("times the launcher restarts failed workers (torch elastic)")
+    model: str = _opt(
+        "auto",
+        f"auto (the dataset's default), {', '.join(MODELS)}, or your own as module:function",
+        check=_is_model,
+        text=f"auto, one of {', '.join(MODELS)}, or module:function",
     )
-    dataset: str = field(
-        default="digits",
-        metadata=_opt(f"{', '.join(DATASETS)}, or your own as module:function"),
+    device: str = _opt(
+        "auto", "cpu (gloo), cuda (NCCL, one GPU per rank), or auto", choices=DEVICES
     )
-    model: str = field(
-        default="auto",
-        metadata=_opt(
-            f"auto (the dataset's default), {', '.join(MODELS)}, or your own as module:function"
-        ),
-    )
-    device: str = field(
-        default="auto",
-        metadata=_opt("cpu (gloo), cuda (NCCL, one GPU per rank), or auto", choices=DEVICES),
-    )
-    preset: str = field(
-        default="none",
-        metadata=_opt(
-            "a named set of flag values, below --config and the command line: "
-            + "; ".join(f"{name} = {preset_text(name)}" for name in PRESETS),
-            choices=PRESET_NAMES,
-        ),
+    preset: str = _opt(
+        "none",
+        "a named set of flag values, below --config and the command line: "
+        + "; ".join(f"{name} = {preset_text(name)}" for name in PRESETS),
+        choices=PRESET_NAMES,
     )
     # --- optimisation
-    epochs: int = field(default=15, metadata=_opt("passes over the training set"))
-    batch_size: int = field(default=32, metadata=_opt("samples per step on each rank"))
-    lr: float = field(default=0.05, metadata=_opt("learning rate"))
-    momentum: float = field(default=0.9, metadata=_opt("SGD momentum (adam: beta1)"))
-    weight_decay: float = field(default=0.0, metadata=_opt("weight decay"))
-    optimizer: str = field(
-        default="sgd", metadata=_opt("each rank's own optimizer", choices=OPTIMIZERS)
+    epochs: int = _opt(15, "passes over the training set", low=1)
+    batch_size: int = _opt(32, "samples per step on each rank", low=1)
+    lr: float = _opt(0.05, "learning rate", above=0)
+    momentum: float = _opt(0.9, "SGD momentum (adam: beta1)", low=0, below=1)
+    weight_decay: float = _opt(0.0, "weight decay", low=0)
+    optimizer: str = _opt("sgd", "each rank's own optimizer", choices=OPTIMIZERS)
+    seed: int = _opt(0, "seeds the model, data split, sampler, schedule", low=0, high=MAX_SEED)
+    lr_schedule: str = _opt(
+        "constant",
+        "learning rate after the warmup: constant, cosine (to 0 at the end of --epochs), or "
+        "step (x0.1 at 1/2 and 3/4 of --epochs)",
+        choices=LR_SCHEDULES,
     )
-    seed: int = field(default=0, metadata=_opt("seeds the model, data split, sampler, schedule"))
-    lr_schedule: str = field(
-        default="constant",
-        metadata=_opt(
-            "learning rate after the warmup: constant, cosine (to 0 at the end of --epochs), or "
-            "step (x0.1 at 1/2 and 3/4 of --epochs)",
-            choices=LR_SCHEDULES,
-        ),
+    warmup_epochs: float = _opt(
+        0.0, "epochs of linear warmup to --lr, step by step (0: none)", low=0
     )
-    warmup_epochs: float = field(
-        default=0.0,
-        metadata=_opt("epochs of linear warmup to --lr, step by step (0: none)"),
+    amp: str = _opt(
+        "none",
+        "mixed precision (autocast): bf16, or fp16 (CUDA only, with a GradScaler)",
+        choices=AMP,
     )
-    amp: str = field(
-        default="none",
-        metadata=_opt(
-            "mixed precision (autocast): bf16, or fp16 (CUDA only, with a GradScaler)",
-            choices=AMP,
-        ),
+    grad_clip: float = _opt(0.0, "clip each rank's gradient to this norm (0: off)", low=0)
+    label_smoothing: float = _opt(
+        0.0, "label smoothing of the cross-entropy (0 to 1)", low=0, below=1
     )
-    grad_clip: float = field(
-        default=0.0, metadata=_opt("clip each rank's gradient to this norm (0: off)")
+    # --- the gossip job
+    shuffle_fraction: float = _opt(
+        0.25,
+        "share of its samples a rank passes to its partner each epoch (0 to 1)",
+        low=0,
+        high=1,
     )
-    label_smoothing: float = field(
-        default=0.0, metadata=_opt("label smoothing of the cross-entropy (0 to 1)")
+    balance: bool = _opt(
+        False,
+        "balance work between ranks of different speeds: the gossip shuffle moves samples to "
+        "faster ranks, which take bigger batches (same steps on every rank; losses weighted by "
+        "batch size; gossip only, --batch-size >= 8)",
     )
-    # --- gossip
-    schedule: str = field(
-        default=_ENGINE["schedule"], metadata=_opt("gossip partner schedule", choices=SCHEDULES)
-    )
-    sync: bool = field(
-        default=_ENGINE["sync"], metadata=_opt("wait for each exchange instead of overlapping it")
-    )
-    mode: str = field(
-        default=_ENGINE["mode"], metadata=_opt("what gossip mixes with the partner", choices=MODES)
-    )
-    shuffle_fraction: float = field(
-        default=0.25,
-        metadata=_opt("share of its samples a rank passes to its partner each epoch (0 to 1)"),
-    )
-    bucket_mb: float = field(
-        default=_ENGINE["bucket_cap_mb"], metadata=_opt("largest message, in MiB")
-    )
-    wire_dtype: str = field(
-        default=_ENGINE["wire_dtype"],
-        metadata=_opt(
-            "send parameters as bfloat16 or float16 (half the bytes), int8 (blockwise "
-            "quantized, 3.9x fewer bytes; --mode params), or none",
-            choices=WIRE,
-        ),
-    )
-    gossip_every: int = field(
-        default=_ENGINE["gossip_every"],
-        metadata=_opt("exchange with a partner every K steps, local steps between (--mode params)"),
-    )
-    average_every: int = field(
-        default=_ENGINE["average_every"],
-        metadata=_opt(
-            "every H steps, set every replica to the exact average (one all-reduce; "
-            "Gossip-PGA); 0: never"
-        ),
-    )
-    tracking: bool = field(
-        default=_ENGINE["tracking"],
-        metadata=_opt(
-            "gradient tracking: also gossip an estimate of the average gradient and step along "
-            "it (for data that differs between ranks; twice the bytes; --mode params)"
-        ),
-    )
-    max_staleness: int = field(
-        default=_ENGINE["max_staleness"],
-        metadata=_opt(
-            "bounded staleness: mix each exchange S steps late, so a rank runs up to S steps "
-            "ahead of a slow partner before it waits (S more model copies in memory)"
-        ),
-    )
-    balance: bool = field(
-        default=False,
-        metadata=_opt(
-            "balance work between ranks of different speeds: the gossip shuffle moves samples "
-            "to faster ranks, which take bigger batches (same steps on every rank; losses "
-            "weighted by batch size; gossip only, --batch-size >= 8)"
-        ),
-    )
-    streams: int = field(
-        default=_ENGINE["streams"],
-        metadata=_opt("connections per partner to spread messages over (1 to 16)"),
-    )
-    on_nonfinite: str = field(
-        default=_ENGINE["on_nonfinite"],
-        metadata=_opt("on NaN/inf parameters: raise, or skip that exchange", choices=ON_NONFINITE),
-    )
-    timeout_s: float = field(
-        default=_ENGINE["timeout_s"],
-        metadata=_opt("seconds to wait for a peer before failing"),
-    )
-    ranks_per_node: int = field(
-        default=0,
-        metadata=_opt(
-            "--algo hierarchical: ranks per node (consecutive ranks share one; to emulate nodes "
-            "on one machine); 0: torchrun's layout, or one node under gossipgrad train"
-        ),
+    ranks_per_node: int = _opt(
+        0,
+        "--algo hierarchical: ranks per node (consecutive ranks share one; to emulate nodes on "
+        "one machine); 0: torchrun's layout, or one node under gossipgrad train",
+        low=0,
     )
     # --- length, logging, checkpoints
-    max_steps: int = field(default=0, metadata=_opt("stop after this many steps (0: no cap)"))
-    log_every: int = field(default=10, metadata=_opt("steps between metric records"))
-    consensus_every: int = field(
-        default=10, metadata=_opt("steps between consensus-distance measurements (0: never)")
+    max_steps: int = _opt(0, "stop after this many steps (0: no cap)", low=0)
+    log_every: int = _opt(10, "steps between metric records", low=1)
+    consensus_every: int = _opt(
+        10, "steps between consensus-distance measurements (0: never)", low=0
     )
-    consensus_warn: float = field(
-        default=0.5,
-        metadata=_opt("warn when the consensus distance goes above this (0: never)"),
+    consensus_warn: float = _opt(
+        0.5, "warn when the consensus distance goes above this (0: never)", low=0
     )
-    eval_every: int = field(
-        default=0,
-        metadata=_opt(
-            "epochs between held-out evaluations of the replicas' exact average, recorded in "
-            "metrics.jsonl with the training time (0: only at the end)"
-        ),
+    eval_every: int = _opt(
+        0,
+        "epochs between held-out evaluations of the replicas' exact average, recorded in "
+        "metrics.jsonl with the training time (0: only at the end)",
+        low=0,
     )
-    checkpoint_every: int = field(default=0, metadata=_opt("steps between checkpoints (0: none)"))
-    keep_checkpoints: int = field(default=3, metadata=_opt("checkpoints kept (the latest ones)"))
-    resume: str = field(
-        default="",
-        metadata=_opt(
-            "continue from a checkpoint: auto (the latest in --out, or in the newest run in "
-            "runs/ without --out; also --resume alone) or PATH",
-            shown="no resume",
-            bare="auto",
-        ),
+    checkpoint_every: int = _opt(0, "steps between checkpoints (0: none)", low=0)
+    keep_checkpoints: int = _opt(3, "checkpoints kept (the latest ones)", low=1)
+    resume: str = _opt(
+        "",
+        "continue from a checkpoint: auto (the latest in --out, or in the newest run in runs/ "
+        "without --out; also --resume alone) or PATH",
+        shown="no resume",
+        bare="auto",
     )
-    out: str = field(default="", metadata=_opt("run folder", shown="runs/<date-time>"))
-    quiet: bool = field(default=False, metadata=_opt("no progress bar"))
-    tensorboard: bool = field(
-        default=False, metadata=_opt("also log to TensorBoard (needs the tensorboard package)")
-    )
+    out: str = _opt("", "run folder", shown="runs/<date-time>")
+    quiet: bool = _opt(False, "no progress bar")
+    tensorboard: bool = _opt(False, "also log to TensorBoard (needs the tensorboard package)")
+
+
+def _engine_flags() -> Any:
+    """A dataclass of the engine's options as ``gossipgrad train`` takes them
+    (``gossipgrad.options.command_line``: fields named as the flags), less those that the job
+    defines itself (``seed``)."""
+    own = {f.name for f in fields(JobOptions)}
+    flags = [
+        (c.name, c.kind, field(default=c.default, metadata=_engine_metadata(c)))
+        for c in command_line()
+        if c.name not in own
+    ]
+    return make_dataclass("EngineFlags", flags, frozen=True, namespace={"__module__": __name__})
+
+
+def _engine_metadata(c: Flag) -> dict[str, Any]:
+    return {"option": Option(c.help, c.allowed), "engine": c.option}
+
+
+EngineFlags: Any = _engine_flags()  # generated: type checkers see its fields as Any
+
+
+@dataclass(frozen=True)
+class TrainConfig(EngineFlags, JobOptions):
+    """Every option of ``gossipgrad train`` (and ``python -m gossipgrad.train`` under torchrun):
+    the job's own (``JobOptions``) and the engine's (``EngineFlags``)."""
 
     def validate(self) -> TrainConfig:
         """Return ``self`` if every value is allowed, else raise ``ConfigError``."""
         for f in fields(self):
-            _check_type(f.name, getattr(self, f.name), f.type)
-            choices = f.metadata.get("choices")
-            if choices is not None and getattr(self, f.name) not in choices:
-                raise ConfigError(
-                    f"{flag(f.name)} must be one of {', '.join(choices)}, "
-                    f"got {getattr(self, f.name)!r}"
-                )
-        _at_least(self, "nproc", 1)
-        _at_least(self, "max_restarts", 0)
-        _at_least(self, "epochs", 1)
-        _at_least(self, "batch_size", 1)
-        _positive(self, "lr")
-        _in_range(self, "momentum", 0.0, 1.0, upper_open=True)
-        _at_least(self, "weight_decay", 0.0)
-        _in_range(self, "shuffle_fraction", 0.0, 1.0)
-        _at_least(self, "warmup_epochs", 0.0)
-        _at_least(self, "grad_clip", 0.0)
-        _in_range(self, "label_smoothing", 0.0, 1.0, upper_open=True)
-        if not 0 <= self.seed <= _MAX_SEED:
-            raise ConfigError(f"--seed must be in [0, 2**63 - 1], got {self.seed}")
-        _positive(self, "timeout_s")
-        _in_range(self, "timeout_s", 0.0, _MAX_TIMEOUT_S)
-        _at_least(self, "max_steps", 0)
-        _at_least(self, "log_every", 1)
-        _at_least(self, "consensus_every", 0)
-        _at_least(self, "consensus_warn", 0.0)
-        _at_least(self, "eval_every", 0)
-        _at_least(self, "checkpoint_every", 0)
-        _at_least(self, "keep_checkpoints", 1)
-        if not self.dataset:
-            raise ConfigError(f"--dataset must be one of {', '.join(DATASETS)} or module:function")
-        if ":" not in self.dataset and self.dataset not in DATASETS:
-            raise ConfigError(
-                f"--dataset must be one of {', '.join(DATASETS)} or module:function, "
-                f"got {self.dataset!r}"
-            )
-        if ":" not in self.model and self.model not in ("auto", *MODELS):
-            raise ConfigError(
-                f"--model must be auto, one of {', '.join(MODELS)}, or module:function, "
-                f"got {self.model!r}"
-            )
+            _check(f, getattr(self, f.name))
         for option in ("dataset", "model"):
             spec = getattr(self, option)
             if ":" in spec:
                 try:
                     import_callable(spec, option)
                 except ValueError as error:
-                    raise ConfigError(f"{flag(option)}: {error}") from None
-        _positive(self, "bucket_mb")
-        _in_range(self, "streams", 1, MAX_STREAMS)
-        _at_least(self, "gossip_every", 1)
-        _at_least(self, "ranks_per_node", 0)
-        _at_least(self, "average_every", 0)
-        _in_range(self, "max_staleness", 0, MAX_STALENESS, upper_open=True)
+                    raise ConfigError(f"{flag(option)}: {error}", option) from None
         if self.algo == "hierarchical" and (self.mode != "params" or self.tracking):
             got = "--tracking" if self.mode == "params" else f"--mode {self.mode}"
             raise ConfigError(
                 f"--algo hierarchical supports --mode params without --tracking only, got {got}: "
-                "use --algo gossip for it"
+                "use --algo gossip for it",
+                "algo",
             )
         if self.balance and self.algo == "allreduce":
             raise ConfigError(
                 "--balance moves samples in the gossip shuffle, which all-reduce does not use "
-                "(it keeps DistributedSampler's equal shards): use --algo gossip or both"
+                "(it keeps DistributedSampler's equal shards): use --algo gossip or both",
+                "balance",
             )
         if self.balance and self.batch_size < 8:
             raise ConfigError(
                 f"--balance needs --batch-size >= 8 (a slow rank's shard may shrink to 1/8 of an "
-                f"even share), got {self.batch_size}"
+                f"even share), got {self.batch_size}",
+                "balance",
             )
         if self.tensorboard and not _has_tensorboard():
             raise ConfigError(
-                "--tensorboard needs the tensorboard package: pip install 'gossipgrad[tensorboard]'"
+                "--tensorboard needs the tensorboard package: "
+                "pip install 'gossipgrad[tensorboard]'",
+                "tensorboard",
             )
         return self
 
     def gossip_options(self) -> GossipOptions:
-        """The engine's options these flags set: the one place where flags map onto them.
-        Raises ``ConfigError`` naming the flag when the engine refuses a combination."""
-        from gossipgrad.options import WIRE_DTYPES, GossipOptions
-
+        """The engine's options these flags set. Raises ``ConfigError`` naming the flag when the
+        engine refuses a combination."""
+        flags = command_line()
+        values = {c.option: c.to_engine(getattr(self, c.name)) for c in flags}
         try:
-            return GossipOptions(
-                sync=self.sync,
-                mode=self.mode,
-                schedule=self.schedule,
-                seed=self.seed,
-                bucket_cap_mb=self.bucket_mb,
-                timeout=timedelta(seconds=self.timeout_s),
-                on_nonfinite=self.on_nonfinite,
-                wire_dtype=WIRE_DTYPES[self.wire_dtype],
-                streams=self.streams,
-                gossip_every=self.gossip_every,
-                average_every=self.average_every,
-                tracking=self.tracking,
-                max_staleness=self.max_staleness,
-            )
-        except ValueError as error:
-            name = re.match(r"\w*", str(error)).group()  # type: ignore[union-attr]
-            raise ConfigError(f"{flag(_FLAG_OF.get(name, name))}: {error}") from None
+            return GossipOptions(**values)
+        except ConfigError as error:
+            named = next((c.flag for c in flags if c.option == error.option), "--config")
+            raise ConfigError(f"{named}: {error}", error.option) from None
 
     def algos(self) -> tuple[str, ...]:
         """The algorithms to run, in order."""
@@ -403,6 +290,22 @@ class TrainConfig:
 def flag(name: str) -> str:
     """``batch_size`` -> ``--batch-size``."""
     return "--" + name.replace("_", "-")
+
+
+def job_options_markdown() -> str:
+    """The job's own options as a markdown table: option, flag, allowed values, default, meaning
+    (the engine's: ``gossipgrad.options.options_markdown``)."""
+    rows = [
+        (
+            f"`{f.name}`",
+            f"`{flag(f.name)}`",
+            option_of(f).allowed.requirement(str(f.type)),
+            f"`{f.metadata['shown'] or repr(f.default)}`",
+            option_of(f).help,
+        )
+        for f in fields(JobOptions)
+    ]
+    return table(("option", "flag", "allowed", "default", "meaning"), rows)
 
 
 def load_config(argv: list[str], prog: str = "gossipgrad train") -> TrainConfig:
@@ -427,7 +330,8 @@ def check_launch(cfg: TrainConfig) -> None:
     if cfg.nproc > MAX_NPROC:
         raise ConfigError(
             f"--nproc must be in [1, {MAX_NPROC}] (worker processes on this machine), got "
-            f"{cfg.nproc}: for more ranks, start workers on several machines with torchrun"
+            f"{cfg.nproc}: for more ranks, start workers on several machines with torchrun",
+            "nproc",
         )
     if {"gossip", "hierarchical"} & set(cfg.algos()):
         from gossipgrad.schedule import partners  # pure: no torch
@@ -436,7 +340,7 @@ def check_launch(cfg: TrainConfig) -> None:
             partners(0, 0, cfg.nproc, cfg.seed, cfg.schedule)
         except ValueError as error:
             raise ConfigError(
-                f"--schedule {cfg.schedule} with --nproc {cfg.nproc}: {error}"
+                f"--schedule {cfg.schedule} with --nproc {cfg.nproc}: {error}", "schedule"
             ) from None
 
 
@@ -446,7 +350,9 @@ def with_preset(values: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(name, str):
         return values  # validate() names the wrong type
     if name not in PRESET_NAMES:
-        raise ConfigError(f"--preset must be one of {', '.join(PRESET_NAMES)}, got {name!r}")
+        raise ConfigError(
+            f"--preset must be one of {', '.join(PRESET_NAMES)}, got {name!r}", "preset"
+        )
     return {**PRESETS.get(name, {}), **values}
 
 
@@ -464,16 +370,15 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"--config: cannot read {str(path)!r}: {reason}") from None
     except DamagedFile as error:
         raise ConfigError(f"--config: {error}") from None
-    names = {f.name for f in fields(TrainConfig)}
+    kinds = {f.name: str(f.type) for f in fields(TrainConfig)}
     values: dict[str, Any] = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
-        if name not in names:
-            allowed = ", ".join(sorted(names))
+        if name not in kinds:
+            allowed = ", ".join(sorted(kinds))
             raise ConfigError(f"--config: unknown key {key!r} in {str(path)!r}; allowed: {allowed}")
-        kind = next(str(f.type) for f in fields(TrainConfig) if f.name == name)
         is_int = isinstance(value, int) and not isinstance(value, bool)
-        values[name] = float(value) if kind == "float" and is_int else value
+        values[name] = float(value) if kinds[name] == "float" and is_int else value
     return values
 
 
@@ -486,8 +391,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(prog: str = "gossipgrad train") -> argparse.ArgumentParser:
-    """The command-line parser generated from ``TrainConfig``'s fields. Options not given on the
-    command line are absent from the result, so a TOML file can set them."""
+    """The command-line parser generated from ``TrainConfig``'s fields: the job's options, then
+    the engine's. Options not given on the command line are absent from the result, so a TOML
+    file can set them."""
     parser = _Parser(
         prog=prog,
         description="Train a model data-parallel with gossip (GossipGraD) and/or all-reduce.",
@@ -496,57 +402,41 @@ def build_parser(prog: str = "gossipgrad train") -> argparse.ArgumentParser:
     parser.add_argument(
         "--config", metavar="FILE.toml", help="read options from a TOML file (command line wins)"
     )
+    engine = parser.add_argument_group("gossip engine options (gossipgrad.GossipOptions)")
     for f in fields(TrainConfig):
-        default = f.default if f.default is not MISSING else None
-        shown = f.metadata.get("shown") or default
-        text = f"{f.metadata['help']} (default: {shown})"
-        choices = f.metadata.get("choices")
-        metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
-        if f.type == "bool":
-            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, help=text)
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type), str)
-            bare = f.metadata.get("bare")
-            extra: dict[str, Any] = {"nargs": "?", "const": bare} if bare else {}
-            parser.add_argument(flag(f.name), type=kind, metavar=metavar, help=text, **extra)
+        _add_flag(engine if "engine" in f.metadata else parser, f)
     return parser
+
+
+def _add_flag(parser: argparse._ActionsContainer, f: Field) -> None:
+    default = f.default if f.default is not MISSING else None
+    text = f"{option_of(f).help} (default: {f.metadata.get('shown') or default})"
+    choices = option_of(f).allowed.choices
+    metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
+    if f.type == "bool":
+        parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, help=text)
+        return
+    kind = {"int": int, "float": float}.get(str(f.type), str)
+    bare = f.metadata.get("bare")
+    extra: dict[str, Any] = {"nargs": "?", "const": bare} if bare else {}
+    parser.add_argument(flag(f.name), type=kind, metavar=metavar, help=text, **extra)
 
 
 # --- checks -------------------------------------------------------------------------------------
 
 
-def _check_type(name: str, value: Any, kind: Any) -> None:
-    ok = {
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-        "bool": isinstance(value, bool),
-        "str": isinstance(value, str),
-    }[str(kind)]
-    if not ok:
-        raise ConfigError(f"{flag(name)} must be {kind}, got {value!r}")
-    if str(kind) == "float" and not math.isfinite(value):
-        raise ConfigError(f"{flag(name)} must be a finite number, got {value!r}")
-
-
-def _at_least(cfg: TrainConfig, name: str, low: float) -> None:
-    value = getattr(cfg, name)
-    if value < low:
-        raise ConfigError(f"{flag(name)} must be >= {low:g}, got {value:g}")
-
-
-def _positive(cfg: TrainConfig, name: str) -> None:
-    value = getattr(cfg, name)
-    if not value > 0:
-        raise ConfigError(f"{flag(name)} must be > 0, got {value:g}")
-
-
-def _in_range(
-    cfg: TrainConfig, name: str, low: float, high: float, upper_open: bool = False
-) -> None:
-    value = getattr(cfg, name)
-    if not (low <= value < high if upper_open else low <= value <= high):
-        closing = ")" if upper_open else "]"
-        raise ConfigError(f"{flag(name)} must be in [{low:g}, {high:g}{closing}, got {value:g}")
+def _check(f: Field, value: Any) -> None:
+    """``ConfigError`` naming the flag unless ``value`` is of the field's type and allowed."""
+    kind, allowed = str(f.type), option_of(f).allowed
+    if not of_kind(kind, value):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        wanted = "a finite number" if kind == "float" and number else kind
+        raise ConfigError(f"{flag(f.name)} must be {wanted}, got {value!r}", f.name)
+    if not allowed.allows(kind, value):
+        shown = f"{value:g}" if isinstance(value, float) else repr(value)
+        raise ConfigError(
+            f"{flag(f.name)} must be {allowed.requirement(kind, typed=True)}, got {shown}", f.name
+        )
 
 
 def _has_tensorboard() -> bool:
