@@ -204,36 +204,39 @@ def _row(contender: str, runs: list[Run]) -> str:
     )
 
 
-def _report(args: argparse.Namespace, command: str, runs: list[Run]) -> None:
-    steps = runs[0].steps
-    print(f"# {command}")
-    print(
-        f"# torch {torch.__version__}, {os.cpu_count()} CPU cores, {args.procs} ranks, model "
-        f"{args.model}, batch {args.batch} per rank, {steps} steps per rank, SGD lr {args.lr} "
-        f"momentum {args.momentum}, max norm {args.max_norm}, seeds {args.seeds}\n"
-    )
-    print(
-        "| contender | test accuracy | steps clipped | mean norm clipped against "
-        "| train s | wall s |"
-    )
-    print("|---|---|---|---|---|---|")
-    for contender in args.contenders:
-        print(_row(contender, runs))
-    print(
-        "\n(in parentheses: not clipped; the fraction of steps whose norm exceeded the threshold, "
-        "and the norm measured)",
-        flush=True,
-    )
-
-
-def _save(path: str, args: argparse.Namespace, command: str, runs: list[Run]) -> None:
-    record: dict[str, Any] = {
+def _record(args: argparse.Namespace, command: str, runs: list[Run]) -> dict[str, Any]:
+    """What ``--json`` saves and ``table`` reads."""
+    return {
         "command": command,
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
         "args": vars(args),
         "runs": [asdict(r) for r in runs],
     }
+
+
+def table(record: dict[str, Any]) -> str:
+    """The markdown table of a record (``_record``, or a ``--json`` file read back)."""
+    args = argparse.Namespace(**record["args"])
+    runs = [Run(**r) for r in record["runs"]]
+    return "\n".join(
+        [
+            f"# {record['command']}",
+            f"# torch {record['torch']}, {record['cpu_count']} CPU cores, {args.procs} ranks, "
+            f"model {args.model}, batch {args.batch} per rank, {runs[0].steps} steps per rank, "
+            f"SGD lr {args.lr} momentum {args.momentum}, max norm {args.max_norm}, "
+            f"seeds {args.seeds}\n",
+            "| contender | test accuracy | steps clipped | mean norm clipped against "
+            "| train s | wall s |",
+            "|---|---|---|---|---|---|",
+            *(_row(contender, runs) for contender in args.contenders),
+            "\n(in parentheses: not clipped; the fraction of steps whose norm exceeded the "
+            "threshold, and the norm measured)",
+        ]
+    )
+
+
+def _save(path: str, record: dict[str, Any]) -> None:
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
         f.write("\n")
@@ -271,9 +274,10 @@ def main() -> None:
                 file=sys.stderr,
                 flush=True,
             )
-    _report(args, command, runs)
+    record = _record(args, command, runs)
+    print(table(record), flush=True)
     if args.json:
-        _save(args.json, args, command, runs)
+        _save(args.json, record)
 
 
 if __name__ == "__main__":

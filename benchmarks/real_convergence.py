@@ -162,22 +162,29 @@ def main() -> None:
                 f"real {row['real_seconds']:.0f} s)",
                 flush=True,
             )
-    print(
-        f"\n{args.world} ranks, teacher {args.teacher_samples} samples, {args.partition} "
-        f"shuffle={args.shuffle}, epochs={args.epochs}, batch/rank={args.batch}, "
-        f"PGA H={args.pga_every}, seed={args.seed}: test accuracy of the averaged model, "
-        "real (virtual); mean replica accuracy real (virtual); max |x_real - x_virtual|\n"
-    )
-    print("| optimizer | variant | averaged | replicas | consensus | max param diff |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n{table(rows)}")
+
+
+def table(rows: list[dict]) -> str:
+    """The markdown table of ``rows`` (runs of one setting, as ``--out`` stores them)."""
+    r0 = rows[0]
+    lines = [
+        f"{r0['world']} ranks, teacher {r0['teacher_samples']} samples, {r0['partition']} "
+        f"shuffle={r0['shuffle']}, epochs={r0['epochs']}, batch/rank={r0['batch']}, "
+        f"PGA H={r0['pga_every']}, seed={r0['seed']}: test accuracy of the averaged model, "
+        "real (virtual); mean replica accuracy real (virtual); max |x_real - x_virtual|\n",
+        "| optimizer | variant | averaged | replicas | consensus | max param diff |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        print(
+        lines.append(
             f"| {r['optimizer']} | {vc.VARIANTS[r['variant']][0]} | "
             f"{r['real_averaged_accuracy']:.3f} ({r['virtual_averaged_accuracy']:.3f}) | "
             f"{r['real_replica_accuracy']:.3f} ({r['virtual_replica_accuracy']:.3f}) | "
             f"{r['real_consensus']:.4f} ({r['virtual_consensus']:.4f}) | "
             f"{r['max_parameter_difference']:.1e} |"
         )
+    return "\n".join(lines)
 
 
 def _parse() -> argparse.Namespace:

@@ -3,12 +3,13 @@
     python examples/lightning_gossip.py --devices 2                      # CPU processes, gloo
     python examples/lightning_gossip.py --accelerator gpu --devices 8    # one GPU each, NCCL
     python examples/lightning_gossip.py --devices 2 --strategy ddp       # the same run with DDP
-    python examples/lightning_gossip.py --devices 2 --max-steps 4 --out /tmp/lightning_run
+    python examples/lightning_gossip.py --devices 2 --max-steps 4
 
 Lightning starts the processes itself (or runs under ``torchrun`` / SLURM). Needs
-``pip install 'gossipgrad[lightning]'``. Checkpoints in ``--out`` hold the replicas' exact
-average, ``fit`` ends with every replica set to it, and ``trainer.test`` scores that one model.
-The data is a synthetic 10-class problem made from a fixed seed (nothing is downloaded).
+``pip install 'gossipgrad[lightning]'``. Checkpoints and logs go to ``--out`` (under runs/,
+which git ignores); the checkpoints hold the replicas' exact average, ``fit`` ends with every
+replica set to it, and ``trainer.test`` scores that one model. The data is a synthetic 10-class
+problem made from a fixed seed (nothing is downloaded).
 """
 
 import argparse
@@ -30,7 +31,7 @@ parser.add_argument("--epochs", type=int, default=5)
 parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps")
 parser.add_argument("--batch-size", type=int, default=64, help="per process")
 parser.add_argument("--lr", type=float, default=0.05)
-parser.add_argument("--out", default="lightning_run", help="checkpoints and logs")
+parser.add_argument("--out", default="runs/lightning_gossip", help="checkpoints and logs")
 args = parser.parse_args()
 
 
@@ -70,20 +71,23 @@ class Classifier(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
 
 
+model = Classifier(args.lr)
+train_loader = DataLoader(make_data(16384, seed=0), batch_size=args.batch_size, shuffle=True)
+test_loader = DataLoader(make_data(4096, seed=1), batch_size=512)
+
+# --8<-- [start:trainer]
+strategy = GossipStrategy() if args.strategy == "gossip" else "ddp"  # the one change from DDP
 trainer = L.Trainer(
-    accelerator=args.accelerator,
-    devices=args.devices,
+    accelerator=args.accelerator,  # "gpu": one process per GPU, NCCL
+    devices=args.devices,  # processes per node: Lightning starts them (or torchrun, SLURM)
     num_nodes=args.num_nodes,
-    strategy=GossipStrategy() if args.strategy == "gossip" else "ddp",
+    strategy=strategy,
     max_epochs=args.epochs,
     max_steps=args.max_steps,
-    default_root_dir=args.out,
-    callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=f"{args.out}/checkpoints")],
-    enable_model_summary=False,
+    default_root_dir=args.out,  # its checkpoints hold the replicas' exact average
 )
-model = Classifier(args.lr)
-train = DataLoader(make_data(16384, seed=0), batch_size=args.batch_size, shuffle=True)
-trainer.fit(model, train)
-trainer.test(model, DataLoader(make_data(4096, seed=1), batch_size=512))
+trainer.fit(model, train_loader)  # ends with every replica set to the exact average
+trainer.test(model, test_loader)  # so this scores that one model
+# --8<-- [end:trainer]
 if trainer.is_global_zero:
     print(f"checkpoint (the replicas' average): {trainer.checkpoint_callback.best_model_path}")
