@@ -609,12 +609,8 @@ def _lock(wait_s: float) -> Any:
 
 def _run_setting(hosts: int, rate: str, args: argparse.Namespace) -> dict[str, Any] | None:
     out = Path(args.state_dir) / f"peers_{hosts}x{rate}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.unlink(missing_ok=True)
-    inner = [
-        "torchrun", "--nnodes", "$NC_HOSTS", "--node-rank", "$NC_HOST", "--nproc-per-node", "1",
-        "--master-addr", "$NC_MASTER", "--master-port", "29600", str(Path(__file__).resolve()),
-        "--worker", "--rate", rate, "--out", str(out), "--epochs", str(args.epochs),
+    worker = [
+        "--rate", rate, "--epochs", str(args.epochs),
         "--steps-per-epoch", str(args.steps_per_epoch), "--warmup-steps", str(args.warmup_steps),
         "--batch", str(args.batch),
         "--lr", str(args.lr), "--momentum", str(args.momentum), "--width", str(args.width),
@@ -622,12 +618,36 @@ def _run_setting(hosts: int, rate: str, args: argparse.Namespace) -> dict[str, A
         "--state-dir", str(Path(args.state_dir) / f"{hosts}x{rate}"),
         "--seeds", *map(str, args.seeds), "--contenders", *args.contenders,
     ]  # fmt: skip
+    result = run_on_netcluster(Path(__file__), worker, hosts, rate, out, args)
+    shutil.rmtree(Path(args.state_dir) / f"{hosts}x{rate}", ignore_errors=True)
+    return result
+
+
+def run_on_netcluster(
+    script: Path,
+    worker: list[str],
+    hosts: int,
+    rate: str,
+    out: Path,
+    args: argparse.Namespace,
+    env: str = "",
+) -> dict[str, Any] | None:
+    """``script --worker --out OUT WORKER...`` under torchrun on every host of a fresh
+    netcluster of ``hosts`` at ``rate`` (taken under the lock; ``args``: ``keep_heap``,
+    ``lock_wait``, ``timeout``); rank 0's ``out`` with the run's facts, or None if no round
+    finished. ``env``: more ``NAME=value`` words for the workers."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)
+    inner = [
+        "torchrun", "--nnodes", "$NC_HOSTS", "--node-rank", "$NC_HOST", "--nproc-per-node", "1",
+        "--master-addr", "$NC_MASTER", "--master-port", "29600", str(script.resolve()),
+        "--worker", "--out", str(out), *worker,
+    ]  # fmt: skip
     keep = f"GLIBC_TUNABLES={KEEP_HEAP} " if args.keep_heap else ""
-    script = f"{keep}GLOO_SOCKET_IFNAME=$NC_IFACE OMP_NUM_THREADS=1 exec " + " ".join(
-        a if a.startswith("$") else shlex.quote(a) for a in inner
-    )
+    script_text = f"{keep}{env + ' ' if env else ''}GLOO_SOCKET_IFNAME=$NC_IFACE OMP_NUM_THREADS=1 "
+    script_text += "exec " + " ".join(a if a.startswith("$") else shlex.quote(a) for a in inner)
     netcluster = str(ROOT / "benchmarks" / "netcluster.sh")
-    cmd = [netcluster, "run", str(hosts), rate, "--", "sh", "-c", script]
+    cmd = [netcluster, "run", str(hosts), rate, "--", "sh", "-c", script_text]
     with _lock(args.lock_wait):
         _wait_for_quiet_network(args.lock_wait)
         print(f"$ {shlex.join(cmd)}", file=sys.stderr, flush=True)
@@ -638,7 +658,6 @@ def _run_setting(hosts: int, rate: str, args: argparse.Namespace) -> dict[str, A
         except subprocess.TimeoutExpired:
             code = f"timed out after {args.timeout:.0f} s"
         wall = time.perf_counter() - start
-    shutil.rmtree(Path(args.state_dir) / f"{hosts}x{rate}", ignore_errors=True)
     if not out.exists():
         print(f"{hosts} hosts at {rate} failed before any round (exit {code})", file=sys.stderr)
         return None
