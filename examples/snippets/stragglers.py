@@ -3,7 +3,7 @@
     torchrun --standalone --nproc-per-node 2 examples/snippets/stragglers.py
 
 Runs on CPU (gloo) in a few seconds, writes nothing, and asserts what the guide says: with
-``balance=True`` the last rank, made slow on purpose (it sleeps 1 ms per sample), ends with a
+``balance=True`` the last rank, made slow on purpose (it sleeps 4 ms per sample), ends with a
 smaller shard than the first, every rank takes the same number of steps, and every sample is
 still visited exactly once per epoch.
 """
@@ -27,7 +27,7 @@ slow = rank == world - 1
 
 def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if slow:
-        time.sleep(0.001 * len(y))  # a rank on a slower machine
+        time.sleep(0.004 * len(y))  # a rank on a slower machine
     return F.cross_entropy(logits, y)
 
 
@@ -69,4 +69,5 @@ model.close()
 assert sizes[0] > sizes[-1], f"the slow rank's shard should have shrunk: {sizes}"
 if rank == 0:
     print(f"shard sizes after 4 epochs, slow rank last: {sizes}")
+dist.barrier()  # no rank tears its connections down while another still uses them
 dist.destroy_process_group()
