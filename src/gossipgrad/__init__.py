@@ -21,6 +21,9 @@ _EXPORTS = {
     "wrap": "gossipgrad.engines",
     "AllReduceDataParallel": "gossipgrad.allreduce",
     "DataParallel": "gossipgrad.contract",
+    "ElasticGossip": "gossipgrad.elastic",
+    "MembershipChange": "gossipgrad.elastic",
+    "MembershipError": "gossipgrad.elastic",
     "GossipError": "gossipgrad.errors",
     "NonFiniteError": "gossipgrad.errors",
     "PeerError": "gossipgrad.errors",
@@ -39,12 +42,15 @@ __all__ = [
     "SCHEDULES",
     "AllReduceDataParallel",
     "DataParallel",
+    "ElasticGossip",
     "GossipDataParallel",
     "GossipError",
     "GossipOptions",
     "GossipShuffleDataset",
     "GossipShuffleSampler",
     "HierarchicalDataParallel",
+    "MembershipChange",
+    "MembershipError",
     "NonFiniteError",
     "PeerError",
     "label_skew_shards",
@@ -70,6 +76,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from gossipgrad.allreduce import AllReduceDataParallel
     from gossipgrad.contract import DataParallel
+    from gossipgrad.elastic import ElasticGossip, MembershipChange, MembershipError
     from gossipgrad.engines import ALGOS, wrap
     from gossipgrad.errors import GossipError, NonFiniteError, PeerError
     from gossipgrad.gossip import GossipDataParallel

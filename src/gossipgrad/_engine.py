@@ -24,6 +24,23 @@ this rank only) keeps the schedule, as its partners expect: it begins the next s
 but mixes nothing (its parameters must not change outside the optimizer); what was due is mixed
 at the next ``finish_step``. Every exchange is mixed exactly once, so the replicas' mean is kept.
 
+**Outer step** (``options.outer_step``: ``outer_lr`` and ``outer_momentum`` other than 1 and 0;
+DiLoCo's outer optimizer, on the pair's mean instead of an all-reduce). The engine keeps slow
+weights ``phi`` (the replica when wrapped, or when the layout changed) and a momentum buffer
+``u``; the snapshot ``s`` is sent as above (same bytes, same overlap), and where a mix is due,
+``gossipgrad.mixing.outer_step_`` takes one Nesterov step of ``phi`` on the pseudo-gradient
+``phi - m`` (``m = s - w (s - r)``, the pair's mean) and moves the replica by ``phi' - s``,
+which keeps the local steps taken since ``s``. Summed over ranks the pair terms cancel, so the
+mean of the ``phi`` follows DiLoCo's outer step on the mean exactly. Overlapped, the step uses
+the snapshot sent ``gossip_every`` steps earlier (the outer step lands one exchange late);
+``sync=True`` mixes each exchange as soon as it is received, at the step end that sent it, so
+that the outer step follows the ``gossip_every`` local steps at once, as in DiLoCo. A rank
+without a partner in an exchange steps with ``m = s``; a single rank has no exchange and no
+outer step. Memory: ``phi`` and ``u`` are two more copies of the mixed tensors (float32 for
+narrower ones); with a compressed wire, each exchange in flight also keeps its unrounded
+snapshot (one more copy, instead of a shared scratch the size of one bucket); each mix
+allocates two bucket-sized temporaries.
+
 Messages go through a ``gossipgrad._transport.Transport``: ``GroupTransport``
 (torch.distributed point-to-point, gloo or NCCL) or the virtual cluster's in-memory one.
 """
@@ -52,7 +69,9 @@ from gossipgrad.mixing import (
     make_buckets,
     mix_,
     mix_residual_,
+    outer_step_,
     pack_,
+    sent_values,
     views,
 )
 from gossipgrad.options import GossipOptions
@@ -72,6 +91,7 @@ class _Pending:
     buckets: list[Bucket]
     layout: Layout
     differences: list[torch.Tensor] | None = None  # resumed: ``s - r`` per bucket, received
+    snapshots: list[torch.Tensor] | None = None  # resumed with an outer step: ``s`` per bucket
 
 
 class StepEngine:
@@ -120,6 +140,10 @@ class StepEngine:
         self._layout: Layout = ()
         self._free: list[list[Bucket]] = []
         self._delta: list[torch.Tensor] | None = None  # mixed at a skipped step, added later
+        # the outer step: slow weights and Nesterov buffer, per mixed tensor
+        self._outer = o.outer_step and o.mode == "params" and world_size > 1
+        self._slow: list[torch.Tensor] = []
+        self._momentum: list[torch.Tensor] = []
         self._rebuild(self.mixed_tensors())
 
     # --- what is mixed -----------------------------------------------------------------------
@@ -131,14 +155,31 @@ class StepEngine:
 
     def _rebuild(self, tensors: list[torch.Tensor]) -> None:
         """Buffers for ``tensors``: every pair the exchanges in flight can need at once
-        (``cadence.buffers_in_flight``), made now."""
+        (``cadence.buffers_in_flight``), made now; with an outer step, the slow weights start
+        from ``tensors`` (every rank rebuilds at the same step)."""
         o = self.options
         self._layout = _layout_of(tensors)
         slots = cadence.buffers_in_flight(o.gossip_every, o.max_staleness)
         wire = o.wire_dtype if o.mode == "params" else None
-        cap = o.bucket_cap_bytes
-        self._free = [make_buckets(tensors, cap, wire, zeroed=self._touch) for _ in range(slots)]
+        cap, keep = o.bucket_cap_bytes, self._outer
+        self._free = [
+            make_buckets(tensors, cap, wire, zeroed=self._touch, keep_snapshot=keep)
+            for _ in range(slots)
+        ]
         self._salt = zlib.crc32(repr(self._layout).encode()) % 128
+        if self._outer:
+            self.reset_outer()
+
+    @torch.no_grad()
+    def reset_outer(self) -> None:
+        """Slow weights = the replica as it stands, momentum = 0 (when wrapping, when the
+        layout changes, and after a ``load_state_dict``; ``load_state`` then restores saved
+        ones). No effect without an outer step."""
+        if not self._outer:
+            return
+        tensors = self.mixed_tensors()
+        self._slow = [t.detach().to(_outer_dtype(t.dtype), copy=True) for t in tensors]
+        self._momentum = [torch.zeros_like(p) for p in self._slow]
 
     @property
     def buckets(self) -> list[Bucket]:
@@ -167,8 +208,9 @@ class StepEngine:
             self.step, self.options.average_every
         )
 
-    def begin_next_step(self) -> None:
-        """Step ``step + 1`` begins: start its exchange if it sends one."""
+    def begin_next_step(self, *, skipped: bool = False) -> None:
+        """Step ``step + 1`` begins: start its exchange if it sends one (with an outer step and
+        ``sync``, mix it at once: into the delta if step ``step`` was ``skipped``)."""
         self.step += 1
         self.bytes_sent_last_step = 0
         self._offset.clear()
@@ -176,6 +218,8 @@ class StepEngine:
         sends = o.mode == "params" and self.world_size > 1
         if sends and cadence.exchange_starts(self.step, o.gossip_every):
             self._start(cadence.exchange_index(self.step, o.gossip_every))
+            if self._outer and o.sync:
+                self._mix(self._pending.pop(), into_delta=skipped)
 
     def skip_step(self) -> None:
         """Step ``step`` ended without an optimizer step (its gradients were discarded): keep
@@ -188,7 +232,7 @@ class StepEngine:
             self._due = max(self._due, due)
         while self._pending and self._pending[0].index <= self._due:
             self._mix(self._pending.popleft(), into_delta=True)
-        self.begin_next_step()
+        self.begin_next_step(skipped=True)
 
     def flush(self) -> None:
         """Wait for every exchange in flight and mix it in now."""
@@ -244,13 +288,14 @@ class StepEngine:
     def _new_buckets(self, tensors: list[torch.Tensor]) -> list[Bucket]:
         """More buffers than cadence plans for: a skipped step left an exchange unmixed."""
         o = self.options
-        return make_buckets(tensors, o.bucket_cap_bytes, o.wire_dtype)
+        return make_buckets(tensors, o.bucket_cap_bytes, o.wire_dtype, keep_snapshot=self._outer)
 
     def _relayout(self, tensors: list[torch.Tensor]) -> None:
         """The replica's tensors changed (a buffer created, replaced by another shape, or
         resized after wrapping): the exchanges in flight were packed from the old shapes and
         cannot be mixed, so they complete unmixed (every rank makes the same change at the same
-        step, so every pair skips its mix and the mean is kept) and new buffers are made."""
+        step, so every pair skips its mix and the mean is kept) and new buffers are made (and
+        the outer step restarts from the replica, on every rank at this step)."""
         while self._pending:
             pending = self._pending.popleft()
             for wire in pending.wires:
@@ -273,30 +318,65 @@ class StepEngine:
         weight = delayed_weight(ex.weight, self.options.max_staleness)
         for b, wire in zip(pending.buckets, pending.wires, strict=True):
             self._wait(wire)
-            if ex.recv_from is None or not same:
+            if not same or (ex.recv_from is None and not self._outer):
                 continue
             own = [tensors[i] for i in b.indices]
+            if self._outer:
+                self._outer_step(b, own, pending)
+                continue
             if not mix_residual_(own, b.send, b.recv, weight, require_finite=True, scratch=b.stage):
                 what = "local" if is_finite(b.recv) else "received"  # which one is not finite
                 self._nonfinite(what, ex.recv_from, pending.index)
         if same:  # else the buffers go: the next exchange makes new ones (``_relayout``)
             self._free.append(pending.buckets)
 
+    def _outer_step(self, b: Bucket, own: list[torch.Tensor], pending: _Pending) -> None:
+        """Bucket ``b`` of exchange ``pending``, received: its outer step into ``own``."""
+        ex = pending.ex
+        diff = None
+        if ex.recv_from is not None:
+            diff = difference(b.send, b.recv, own[0].dtype, sum(b.numels))
+            if not is_finite(diff):
+                what = "local" if is_finite(b.recv) else "received"
+                self._nonfinite(what, ex.recv_from, pending.index)
+                return
+        self._outer_step_bucket(b, own, sent_values(b), diff, ex.weight)
+
+    def _outer_step_bucket(
+        self,
+        b: Bucket,
+        own: list[torch.Tensor],
+        snapshot: torch.Tensor,
+        diff: torch.Tensor | None,
+        weight: float,
+    ) -> None:
+        o = self.options
+        slow = [self._slow[i] for i in b.indices]
+        momentum = [self._momentum[i] for i in b.indices]
+        outer_step_(own, slow, momentum, snapshot, diff, weight, o.outer_lr, o.outer_momentum)
+
     @torch.no_grad()
     def _mix_resumed(self, pending: _Pending, tensors: list[torch.Tensor] | None) -> None:
         """Mix an exchange resumed from a checkpoint (its differences were saved per bucket of
         the same layout)."""
-        if pending.ex.recv_from is None or not pending.differences:
+        outer = self._outer and pending.snapshots is not None
+        if not outer and (pending.ex.recv_from is None or not pending.differences):
             return
         if tensors is None:  # into a delta that does not exist yet
             self._delta = tensors = [torch.zeros_like(t) for t in self.mixed_tensors()]
         weight = delayed_weight(pending.ex.weight, self.options.max_staleness)
-        for b, diff in zip(self.buckets, pending.differences, strict=True):
+        differences = pending.differences or [None] * len(self.buckets)
+        for k, (b, diff) in enumerate(zip(self.buckets, differences, strict=True)):
             own = [tensors[i] for i in b.indices]
-            if not is_finite(diff):
+            if diff is not None and not is_finite(diff):
                 self._nonfinite("received", pending.ex.recv_from, pending.index)
                 continue
-            torch._foreach_add_(own, views(diff.to(own[0].dtype), own), alpha=-weight)
+            if outer and pending.snapshots is not None:
+                diff = None if diff is None else diff.to(own[0].dtype)
+                snapshot = pending.snapshots[k].to(own[0].dtype)
+                self._outer_step_bucket(b, own, snapshot, diff, weight)
+            elif diff is not None:
+                torch._foreach_add_(own, views(diff.to(own[0].dtype), own), alpha=-weight)
 
     def _wait(self, wire: Wire) -> None:
         began = time.perf_counter()
@@ -384,8 +464,9 @@ class StepEngine:
     def state(self) -> dict[str, Any]:
         """What a checkpoint needs to resume exactly: the step and what the schedule depends on,
         the gradient exchanges made (gradients mode: they pick the partners), and with tracking
-        the trackers and last gradients; and the exchanges in flight, waited for but not mixed
-        (their differences ``s - r``), and the delta of a skipped step, so that a checkpoint
+        the trackers and last gradients; the exchanges in flight, waited for but not mixed
+        (their differences ``s - r``, and with an outer step their snapshots ``s``), the delta
+        of a skipped step, and the outer step's slow weights and momentum, so that a checkpoint
         changes nothing in the run it is taken from."""
         out = schedule_state(self.step, self.options)
         out["world_size"] = self.world_size
@@ -398,19 +479,30 @@ class StepEngine:
         if self._trackers:
             out["trackers"] = [t.detach().cpu().clone() for t in self._trackers]
             out["last_grads"] = [t.detach().cpu().clone() for t in self._last_grads]
+        if self._outer:
+            out["slow_weights"] = [t.detach().cpu().clone() for t in self._slow]
+            out["outer_momentum"] = [t.detach().cpu().clone() for t in self._momentum]
         return out
 
     @torch.no_grad()
     def load_state(self, state: dict[str, Any]) -> None:
         """Resume from ``state()``. Trackers saved without tracking on now are dropped; tracking
-        turned on at a resume starts from zero trackers, as a fresh run does."""
+        turned on at a resume starts from zero trackers, as a fresh run does. Likewise the
+        outer step: turned on at a resume, it starts from the replica as loaded."""
         self.step = load_schedule_state(state, self.options)
         self._grad_exchanges = int(state.get("grad_exchanges", self.step))
-        for name, mine in (("trackers", self._trackers), ("last_grads", self._last_grads)):
+        if self._outer and "slow_weights" not in state:
+            self.reset_outer()
+        for name, mine in (
+            ("trackers", self._trackers),
+            ("last_grads", self._last_grads),
+            ("slow_weights", self._slow),
+            ("outer_momentum", self._momentum),
+        ):
             saved = state.get(name)
             if saved is None or not mine:
                 continue
-            _check_trackers(saved, mine)
+            _check_trackers(saved, mine, name)
             moved = [t.to(device=m.device, dtype=m.dtype) for t, m in zip(saved, mine, strict=True)]
             torch._foreach_copy_(mine, moved)
         self._resume_in_flight(state)
@@ -427,13 +519,19 @@ class StepEngine:
                 difference(b.send, b.recv, tensors[b.indices[0]].dtype, sum(b.numels)).cpu()
                 for b in pending.buckets
             ]
-        return {
+        saved = {
             "index": pending.index,
             "send_to": -1 if ex.send_to is None else ex.send_to,
             "recv_from": -1 if ex.recv_from is None else ex.recv_from,
             "weight": ex.weight,
             "differences": differences,
         }
+        if self._outer:
+            snapshots = pending.snapshots
+            if snapshots is None:
+                snapshots = [sent_values(b).detach().cpu().clone() for b in pending.buckets]
+            saved["snapshots"] = snapshots
+        return saved
 
     def _resume_in_flight(self, state: dict[str, Any]) -> None:
         """The exchanges in flight and the delta of a saved state, on the same ranks; resumed on
@@ -452,8 +550,11 @@ class StepEngine:
                 float(saved["weight"]),
             )
             differences = [d.to(device) for d in saved["differences"]]
+            snapshots = saved.get("snapshots") if self._outer else None
+            if snapshots is not None:
+                snapshots = [s.to(device) for s in snapshots]
             self._pending.append(
-                _Pending(int(saved["index"]), [], ex, [], self._layout, differences)
+                _Pending(int(saved["index"]), [], ex, [], self._layout, differences, snapshots)
             )
         if state.get("delta") is not None:
             here = self.mixed_tensors()
@@ -484,6 +585,37 @@ class StepEngine:
             )
         warnings.warn(message + "; skipping this exchange", RuntimeWarning, stacklevel=4)
 
+    # --- membership ------------------------------------------------------------------------------
+
+    def change_membership(
+        self,
+        transport: Transport,
+        rank: int,
+        world_size: int,
+        *,
+        step: int | None = None,
+        tracked: Sequence[torch.Tensor] = (),
+    ) -> None:
+        """Gossip among another set of ranks from now on (``gossipgrad.elastic``): this replica
+        is ``rank`` of ``world_size`` and its messages go through ``transport``.
+
+        The exchanges in flight are dropped unmixed, without waiting (a partner may be gone).
+        Each exchange's mixes sum to zero over the ranks that took part, so dropping one on
+        every rank keeps the replicas' mean; the mixes already made with a rank that left are
+        not undone, so the survivors' mean differs from their mean before those exchanges by
+        about the consensus distance (the departed replica's share of them). What a skipped
+        step left to add is dropped too. The schedule is re-planned for ``world_size``
+        (``gossipgrad.schedule`` plans any size); buffers, gradient trackers (``tracked``: the
+        parameters to follow, as when wrapping) and the outer step's slow weights start afresh,
+        as when wrapping, on every rank alike. The step counter is kept, or set to ``step``;
+        the totals (``wait_time_s``) are kept."""
+        kept = (self.step if step is None else step, self.wait_time_s)
+        self._pending.clear()  # the works (and the group they hold) go with them
+        StepEngine.__init__(
+            self, self._tensors, self.options, rank, world_size, transport, tracked=tracked
+        )
+        self.step, self.wait_time_s = kept
+
 
 def schedule_state(step: int, options: GossipOptions) -> dict[str, Any]:
     """The step and what the schedule depends on, for a checkpoint."""
@@ -502,8 +634,10 @@ def load_schedule_state(state: dict[str, Any], options: GossipOptions) -> int:
     return int(state["step"])
 
 
-def _check_trackers(saved: Sequence[torch.Tensor], mine: Sequence[torch.Tensor]) -> None:
-    """Refuse saved trackers that are not one per tracked parameter, of its shape."""
+def _check_trackers(
+    saved: Sequence[torch.Tensor], mine: Sequence[torch.Tensor], name: str = "trackers"
+) -> None:
+    """Refuse saved trackers (or outer-step state) that are not one per tensor, of its shape."""
     pairs = zip(saved, mine, strict=False)
     differ = next((i for i, (s, m) in enumerate(pairs) if s.shape != m.shape), None)
     if len(saved) == len(mine) and differ is None:
@@ -512,10 +646,18 @@ def _check_trackers(saved: Sequence[torch.Tensor], mine: Sequence[torch.Tensor])
     if differ is not None:
         shapes = tuple(saved[differ].shape), tuple(mine[differ].shape)
         where = f" (#{differ}: {shapes[0]} saved, {shapes[1]} here)"
+    what, of = "gradient trackers", "tracked parameters"
+    if name not in ("trackers", "last_grads"):
+        what, of = f"outer-step {name.replace('_', ' ')}", "mixed tensors"
     raise ValueError(
-        f"checkpoint holds gradient trackers for {len(saved)} parameters that do not fit this "
-        f"model's {len(mine)} tracked parameters{where}: resume the same model"
+        f"checkpoint holds {what} for {len(saved)} tensors that do not fit this "
+        f"model's {len(mine)} {of}{where}: resume the same model"
     )
+
+
+def _outer_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where the outer step runs: the tensor's dtype, float32 at least."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _layout_of(tensors: Sequence[torch.Tensor]) -> Layout:

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from gossipgrad import _p2p
-from gossipgrad.errors import PeerError
+from gossipgrad.errors import GossipError, PeerError
 from gossipgrad.schedule import Exchange
 
 
@@ -105,3 +105,23 @@ def _first_loss(exc: PeerError, rank: int, where: str) -> str:
         return str(exc)
     lost, seen_by, at = first.split("|") if first.count("|") == 2 else (exc.peer, rank, where)
     return f"{exc} [first loss in this job: rank {lost}, seen by rank {seen_by} at {at}]"
+
+
+class Detached:
+    """The transport of a replica between two memberships (``gossipgrad.elastic``): the old
+    group is being destroyed and the new one is not formed yet, so nothing may be sent."""
+
+    def start(
+        self,
+        sends: list[torch.Tensor],
+        recvs: list[torch.Tensor],
+        ex: Exchange,
+        index: int,
+        where: str,
+        first: int,
+        salt: int,
+    ) -> Wire:
+        raise GossipError(
+            f"{where}: this replica is between two memberships (its group was released for a "
+            "membership change and no new one was given): call change_group(group) first"
+        )

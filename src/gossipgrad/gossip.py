@@ -30,7 +30,9 @@ and NaN checks see the local gradient.
 
 ``max_staleness=S`` mixes each exchange ``S`` steps later, so a rank waits for a slow partner
 only when its message is more than ``S`` steps overdue; up to ``S + 1`` exchanges are in
-flight. ``sync=True`` waits for each exchange as soon as it is sent (same arithmetic).
+flight. ``sync=True`` waits for each exchange as soon as it is sent (same arithmetic; with an
+outer step, ``outer_lr``/``outer_momentum``, it also mixes each exchange at once, so that the
+outer step follows the local steps as in DiLoCo: ``gossipgrad._engine``).
 ``mode="gradients"`` (for comparison only: replicas drift apart) averages the gradients with the
 partner's at the end of each backward instead, ``g <- (1 - w) g + w g_r``.
 
@@ -49,7 +51,7 @@ mixing and averaging. All tensors are broadcast from rank 0 when wrapping.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -61,7 +63,7 @@ from gossipgrad import _setup
 from gossipgrad._clipping import AverageNormEstimate
 from gossipgrad._clock import StepClock
 from gossipgrad._engine import StepEngine
-from gossipgrad._transport import GroupTransport
+from gossipgrad._transport import Detached, GroupTransport
 from gossipgrad.collectives import (
     DeferredAverage,
     Scratch,
@@ -149,6 +151,11 @@ class GossipDataParallel(nn.Module, Joinable):
         self._load_hook = module.register_load_state_dict_pre_hook(
             _setup.WeakHook(self._before_load)
         )
+        self._loaded_hook = module.register_load_state_dict_post_hook(
+            _setup.WeakHook(self._after_load)
+        )
+        # called with each step's end (gossipgrad.elastic: the membership check); see _through_hook
+        self.step_hook: Callable[[Callable[[], None]], None] | None = None
 
     # --- the training step -------------------------------------------------------------------
 
@@ -179,7 +186,16 @@ class GossipDataParallel(nn.Module, Joinable):
         and put the new replica on the wire."""
         if self.options.mode == "params":
             Join.notify_join_context(self)
-        self._finish_and_begin()
+        self._through_hook(self._finish_and_begin)
+
+    def _through_hook(self, step_end: Callable[[], None]) -> None:
+        """Run a step's end through ``step_hook`` when one is set: ``hook(step_end)`` calls
+        ``step_end`` or, after a membership change, begins the next step itself
+        (``gossipgrad.elastic``)."""
+        if self.step_hook is None:
+            step_end()
+        else:
+            self.step_hook(step_end)
 
     def _finish_and_begin(self) -> None:
         self._engine.finish_step()
@@ -193,6 +209,9 @@ class GossipDataParallel(nn.Module, Joinable):
         step on this rank: keep the schedule; change nothing now."""
         if self.options.mode == "params":
             Join.notify_join_context(self)
+        self._through_hook(self._skip)
+
+    def _skip(self) -> None:
         if self._engine.average_due():
             tensors = self._replicas()
             self._deferred.take(tensors, self._scratch(tensors), self.group, self.options.timeout)
@@ -249,6 +268,11 @@ class GossipDataParallel(nn.Module, Joinable):
         is not shifted afterwards by a residual of the replicas from before the load."""
         self.flush()
 
+    def _after_load(self, *_args: Any) -> None:
+        """The outer step's slow weights restart from what was loaded (``load_gossip_state``
+        after it restores saved ones)."""
+        self._engine.reset_outer()
+
     # --- replicas ------------------------------------------------------------------------------
 
     def consensus_distance(self) -> float:
@@ -297,6 +321,35 @@ class GossipDataParallel(nn.Module, Joinable):
     def load_gossip_state(self, state: dict[str, Any]) -> None:
         self._engine.load_state(state)
 
+    def change_group(self, group: dist.ProcessGroup | None, *, step: int | None = None) -> None:
+        """Gossip in ``group`` from now on: a membership change (``gossipgrad.elastic``). The
+        exchanges in flight are dropped unmixed, without waiting (a partner may be gone);
+        ``None`` lets go of the current group, so that ``destroy_process_group`` closes its
+        connections, until a later call gives the new one. With a group, the schedule is
+        re-planned over its ranks (``StepEngine.change_membership``) and step ``step`` (default:
+        the current one) begins: its exchange leaves now. Every rank of ``group`` calls it at
+        the same point with the same ``step``, at a step's end or between steps; parameters
+        do not change."""
+        o = self.options
+        began = self.step if step is None else step
+        self._deferred = DeferredAverage()
+        self._norms = None
+        if group is None:
+            self.group = None
+            self._engine.change_membership(Detached(), 0, 1, step=began)
+            return
+        self.group, self.rank = group, dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        streams = _setup.extra_groups(group, o.streams, o.timeout)
+        self._engine.change_membership(
+            GroupTransport(group, streams),
+            self.rank,
+            self.world_size,
+            step=began - 1,
+            tracked=tracked_parameters(self.module),
+        )
+        self._engine.begin_next_step()
+
     # --- lifecycle -----------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -309,6 +362,7 @@ class GossipDataParallel(nn.Module, Joinable):
         self._clock.close()
         self._clock = None
         self._load_hook.remove()
+        self._loaded_hook.remove()
         self._engine.close()
 
     def __enter__(self) -> GossipDataParallel:
@@ -321,6 +375,7 @@ class GossipDataParallel(nn.Module, Joinable):
             self._clock.close()
             self._clock = None
             self._load_hook.remove()
+            self._loaded_hook.remove()
 
     # --- uneven inputs (torch.distributed.algorithms.Join) ------------------------------------
 

@@ -82,7 +82,7 @@ class HierarchicalDataParallel(nn.Module):
             layout of torchrun's environment.
         options: the options of the gossip between leaders (``GossipOptions``; keywords
             override single ones, as for ``GossipDataParallel``); ``bucket_cap_mb`` also sizes
-            DDP's buckets. ``mode="params"`` only, without ``tracking``.
+            DDP's buckets. ``mode="params"`` only, without ``tracking`` or an outer step.
 
     Attributes: ``nodes`` (each node's global ranks), ``node`` (this rank's node index),
     ``is_leader``, ``node_group`` and ``leaders_group`` (process groups), ``step``.
@@ -109,6 +109,13 @@ class HierarchicalDataParallel(nn.Module):
             raise ValueError(
                 "HierarchicalDataParallel supports mode='params' without tracking only, got "
                 f"mode={o.mode!r}, tracking={o.tracking!r}: use GossipDataParallel for those"
+            )
+        if o.outer_step:
+            raise ValueError(
+                f"rank {dist.get_rank()}: HierarchicalDataParallel has no outer step (got "
+                f"outer_lr={o.outer_lr}, outer_momentum={o.outer_momentum}; its checkpoints "
+                "would not hold the leaders' slow weights): leave outer_lr=1 and "
+                "outer_momentum=0, or use GossipDataParallel"
             )
         self.module = module
         self.rank = dist.get_rank()

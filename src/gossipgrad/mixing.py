@@ -7,6 +7,8 @@ Mixing with weight ``w`` (``w = 1/2`` for every schedule but ``exact``):
 
 - synchronous:  ``x <- (1 - w) x + w r``                 (``r`` the partner's replica)
 - residual:     ``x <- x + w (r - s)``                    (``s`` the snapshot this rank sent)
+- outer step:   ``x <- x + (phi' - s)``, ``phi'`` one Nesterov step of the slow weights ``phi``
+  on the pseudo-gradient ``phi - m``, ``m = s - w (s - r)`` (``outer_step_``)
 
 The residual form is what overlap needs: the snapshot ``s`` left when the exchange began, a local
 optimizer step moved ``x`` meanwhile, and the residual keeps that step while pulling toward the
@@ -32,13 +34,16 @@ class Bucket:
     they hold the wire's dtype, and ``stage`` (in the tensors' dtype, the same size) holds the
     values before encoding (int8: the encoding is ``gossipgrad._quantize``'s) or the difference
     that ``mix_residual_`` computes (bfloat16, float16: the buckets of one ``make_buckets`` call
-    share one stage, the size of the largest, used by one bucket at a time)."""
+    share one stage, the size of the largest, used by one bucket at a time). ``snapshot``: the
+    stage is the bucket's own and holds the values sent, before rounding (int8, and a compressed
+    wire with ``make_buckets(..., keep_snapshot=True)``), until the bucket is encoded again."""
 
     indices: list[int]
     send: torch.Tensor
     recv: torch.Tensor
     numels: list[int] = field(default_factory=list)
     stage: torch.Tensor | None = None
+    snapshot: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -83,6 +88,7 @@ def make_buckets(
     *,
     at_least: torch.dtype | None = None,
     zeroed: bool = False,
+    keep_snapshot: bool = False,
 ) -> list[Bucket]:
     """Group ``tensors`` (in order) into buckets of at most ``cap_bytes`` (a single larger tensor
     gets a bucket of its own), never mixing dtypes or devices within a bucket. With
@@ -91,19 +97,24 @@ def make_buckets(
     with ``at_least`` (``torch.float32`` for collectives), narrower floating-point tensors get
     buffers of that dtype, so that sums accumulate in it. ``zeroed``: fill the buffers now, so
     that their memory is touched (one page fault per page) here rather than in the first step
-    that uses them."""
+    that uses them. ``keep_snapshot``: with a bfloat16 or float16 wire, each bucket gets a stage
+    of its own that keeps the values sent, unrounded (``Bucket.snapshot``; the outer step needs
+    them), instead of the shared one."""
     new = torch.zeros if zeroed else torch.empty
     groups, keys = _group(tensors, cap_bytes)
-    shared = _shared_stages(tensors, groups, keys, wire_dtype, new)
+    shared = {} if keep_snapshot else _shared_stages(tensors, groups, keys, wire_dtype, new)
     buckets = []
     for idx, (dtype, device) in zip(groups, keys, strict=True):
         numels = [tensors[i].numel() for i in idx]
-        total, stage = sum(numels), None
+        total, stage, kept = sum(numels), None, False
         if wire_dtype is torch.int8 and dtype.is_floating_point:
-            stage = new(total, dtype=dtype, device=device)
+            stage, kept = new(total, dtype=dtype, device=device), True
             dtype, total = torch.int8, _quantize.encoded_size(total)
         elif wire_dtype is not None and dtype.is_floating_point:
-            stage = shared[(dtype, device)][:total]
+            if keep_snapshot:
+                stage, kept = new(total, dtype=dtype, device=device), True
+            else:
+                stage = shared[(dtype, device)][:total]
             dtype = wire_dtype
         elif (
             at_least is not None and dtype.is_floating_point and dtype.itemsize < at_least.itemsize
@@ -116,6 +127,7 @@ def make_buckets(
                 recv=new(total, dtype=dtype, device=device),
                 numels=numels,
                 stage=stage,
+                snapshot=kept,
             )
         )
     return buckets
@@ -182,11 +194,21 @@ def pack_(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_(bucket: Bucket, tensors: Sequence[torch.Tensor]) -> None:
-    """Put ``tensors``, the bucket's own, in its ``send`` buffer, in the wire's format."""
-    if bucket.send.dtype is torch.int8 and bucket.stage is not None:
+    """Put ``tensors``, the bucket's own, in its ``send`` buffer, in the wire's format (and in
+    its stage first, unrounded, when the stage keeps the snapshot)."""
+    if not bucket.snapshot or bucket.stage is None:
+        pack_(bucket.send, tensors)
+    elif bucket.send.dtype is torch.int8:
         _quantize.encode_(bucket.send, pack_(bucket.stage, tensors))
     else:
-        pack_(bucket.send, tensors)
+        bucket.send.copy_(pack_(bucket.stage, tensors))
+
+
+def sent_values(bucket: Bucket) -> torch.Tensor:
+    """The values the bucket's last encoding sent, before any rounding, in the tensors' dtype:
+    its stage when it keeps the snapshot, else its ``send`` buffer (an uncompressed wire; a
+    compressed one needs ``make_buckets(..., keep_snapshot=True)``)."""
+    return bucket.stage if bucket.snapshot and bucket.stage is not None else bucket.send
 
 
 @torch.no_grad()
@@ -230,6 +252,56 @@ def mix_residual_(
         return False
     torch._foreach_add_(list(tensors), views(diff, tensors), alpha=-weight)
     return True
+
+
+@torch.no_grad()
+def outer_step_(
+    tensors: Sequence[torch.Tensor],
+    slow: Sequence[torch.Tensor],
+    momentum_buffer: Sequence[torch.Tensor],
+    snapshot: torch.Tensor,
+    difference: torch.Tensor | None,
+    weight: float,
+    lr: float,
+    momentum: float,
+) -> None:
+    """The outer step of one exchange (DiLoCo's, on the pair's mean), in place on ``tensors``
+    (the replica ``x``), ``slow`` (its slow weights ``phi``) and ``momentum_buffer`` (``u``):
+
+        m   = s - w (s_wire - r_wire)          the pair's mean (``difference``: s_wire - r_wire)
+        d   = phi - m                          the pseudo-gradient, averaged over the pair
+        u  <- mu u + d                         Nesterov, as ``torch.optim.SGD(nesterov=True)``
+        phi' = phi - lr (d + mu u)
+        x  <- x + (phi' - s)                   the local steps taken since ``s`` are kept
+        phi <- phi'
+
+    ``snapshot``: ``s``, the values sent, unrounded (flat, the tensors' dtype); ``difference``:
+    ``s - r`` as the wire carried them (flat, the tensors' dtype), ``None`` without a partner
+    (``m = s``). ``slow`` and ``momentum_buffer`` may be wider than ``tensors`` (float32 for
+    bfloat16 parameters), where the arithmetic runs. With ``lr = 1, mu = 0``, ``phi' = m`` and
+    this is residual mixing ``x <- x + w (r - s)``. Summed over ranks the ``difference`` terms
+    cancel (each payload is sent once and received once, as the wire rounded it), so the mean of
+    the ``phi`` takes exactly one outer step on ``mean(phi) - mean(s)``. Temporaries: two the
+    size of the tensors (the pseudo-gradient, and ``s`` widened when ``slow`` is wider)."""
+    if not tensors:
+        return
+    sent = [_cast(v, p.dtype) for v, p in zip(views(snapshot, tensors), slow, strict=True)]
+    step = torch._foreach_sub(list(slow), sent)  # d = phi - s + w (s - r)
+    if difference is not None:
+        diffs = [_cast(v, p.dtype) for v, p in zip(views(difference, tensors), slow, strict=True)]
+        torch._foreach_add_(step, diffs, alpha=weight)
+    torch._foreach_mul_(list(momentum_buffer), momentum)
+    torch._foreach_add_(list(momentum_buffer), step)  # u <- mu u + d
+    torch._foreach_add_(step, list(momentum_buffer), alpha=momentum)  # d + mu u
+    torch._foreach_add_(list(slow), step, alpha=-lr)  # phi'
+    torch._foreach_copy_(step, list(slow))
+    torch._foreach_sub_(step, sent)  # phi' - s
+    back = [_cast(v, t.dtype) for v, t in zip(step, tensors, strict=True)]
+    torch._foreach_add_(list(tensors), back)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 @torch.no_grad()

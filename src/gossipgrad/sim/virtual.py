@@ -19,6 +19,10 @@ receive buffer. Step ``t``, with ``w`` the plan's weight:
   run; then the source's snapshot ``r`` is mixed in residual form ``x <- x + w (r - s)`` (which
   keeps the optimizer's step and what the forward changed in the buffers): ``x' = W x - lr
   g(x)``; then the new snapshot is sent.
+- with an outer step (``outer_lr``, ``outer_momentum``): each mix is the engine's outer step
+  (``gossipgrad.mixing.outer_step_``); overlapped, on the snapshot sent ``gossip_every`` steps
+  earlier, and with ``sync=True`` at once, after every replica has sent (DiLoCo's timing), as
+  ``GossipDataParallel`` with ``sync=True`` does.
 - ``algo="gossip", mode="gradients"``: after backward, ``g <- (1 - w) g + w g_r`` with the
   source's gradients, then the optimizer step. Buffers stay local.
 - ``algo="allreduce"``: gradients are averaged over all replicas before the optimizer step, and
@@ -60,17 +64,18 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 
 class VirtualCluster:
     """``world_size`` replicas of ``module`` (deep copies, all equal at the start), each with its
-    own optimizer from ``make_optimizer(replica.parameters())``. ``options`` (or keyword
-    overrides) are the engine's ``GossipOptions``: ``mode``, ``sync``, ``schedule``, ``seed`` and
-    ``bucket_cap_mb`` act as in ``gossipgrad.wrap`` (see the module docstring); the options of
-    the wire (timeout, streams, on_nonfinite) do not apply; ``wire_dtype`` rounds the payloads
-    as the engine does. ``replicas[i]`` plays rank ``i``; ``engines[i]`` is its step engine."""
+    own optimizer from ``make_optimizer(replica.parameters())`` (``None``: the caller updates
+    the replicas and calls ``step_ended``). ``options`` (or keyword overrides) are the engine's
+    ``GossipOptions``: ``mode``, ``sync``, ``schedule``, ``seed``, ``bucket_cap_mb`` and the
+    outer step act as in ``gossipgrad.wrap`` (see the module docstring); the options of the wire
+    (timeout, streams, on_nonfinite) do not apply; ``wire_dtype`` rounds the payloads as the
+    engine does. ``replicas[i]`` plays rank ``i``; ``engines[i]`` is its step engine."""
 
     def __init__(
         self,
         module: nn.Module,
         world_size: int,
-        make_optimizer: OptimizerFactory,
+        make_optimizer: OptimizerFactory | None,
         options: GossipOptions | None = None,
         *,
         algo: str = "gossip",
@@ -85,7 +90,8 @@ class VirtualCluster:
         self.sync, self.mode, self.schedule, self.seed = o.sync, o.mode, o.schedule, o.seed
         self.step = 0
         self.replicas = [copy.deepcopy(module) for _ in range(world_size)]
-        self.optimizers = [make_optimizer(r.parameters()) for r in self.replicas]
+        make = make_optimizer
+        self.optimizers = [make(r.parameters()) for r in self.replicas] if make else []
         # one engine per replica, as each rank has; messages are copies between them. Waiting
         # early (sync) changes no arithmetic, and a replica here cannot wait for one that has
         # not sent yet, so the engines overlap.
@@ -114,6 +120,11 @@ class VirtualCluster:
     def train_step(self, batches: Sequence[tuple[Any, Any]], loss_fn: LossFn) -> list[float]:
         """One step of every replica: ``batches[i] = (input, target)`` is replica ``i``'s
         mini-batch. Returns each replica's loss."""
+        if not self.optimizers:
+            raise ValueError(
+                "this cluster has no optimizers (make_optimizer=None): update the replicas "
+                "yourself and call step_ended() after each update"
+            )
         if len(batches) != self.world_size:
             raise ValueError(
                 f"train_step got {len(batches)} batches for {self.world_size} replicas: "
@@ -134,19 +145,28 @@ class VirtualCluster:
             started = [e.start_gradients() for e in self.engines]
             for e, s in zip(self.engines, started, strict=True):
                 e.finish_gradients(s)
-        # each replica's optimizer step, and the end of its step as the engine's hook runs it
-        for opt, engine in zip(self.optimizers, self.engines, strict=True):
+        for opt in self.optimizers:
             opt.step()
-            if self._gossips:
-                engine.finish_step()
-        if self._gossips and self.engines[0].average_due():
-            self.average_replicas()
-        for opt, engine in zip(self.optimizers, self.engines, strict=True):
-            if self._gossips:
-                engine.begin_next_step()
+        self.step_ended()  # what the engine's hook runs at the end of each optimizer step
+        for opt in self.optimizers:
             opt.zero_grad()
-        self.step += 1
         return losses
+
+    def step_ended(self) -> None:
+        """End every replica's step, once the replicas were updated (by ``train_step``, or by
+        the caller, as ``GossipDataParallel.step_ended`` for a loop without a torch optimizer:
+        e.g. one optimizer over parameters that are views of tensors stacked over the
+        replicas, for speed): mix what is due, average when due, start the next exchanges."""
+        if self._gossips:
+            for engine in self.engines:
+                engine.finish_step()
+            if self.engines[0].average_due():
+                self.average_replicas()
+            for engine in self.engines:
+                engine.begin_next_step()
+            if self.sync and self.options.outer_step:
+                self.flush()  # what sync's engine does as each exchange starts
+        self.step += 1
 
     def gossip(self) -> None:
         """One exchange, mixed at once, with no local computation (params mode only): what a
