@@ -93,7 +93,8 @@ class GossipShuffleSampler(Sampler[int]):
 
     Args:
         dataset: anything with ``len``; the same length on every rank.
-        num_replicas, rank: default from ``process_group``; if given, they must match it.
+        num_replicas: default from ``process_group``; if given, it must match it.
+        rank: default from ``process_group``; if given, it must match it.
         shuffle: visit the local shard in a seeded random order each epoch (else shard order).
         seed: seeds the local orders, the ids that leave, and the partner schedule; equal on
             every rank.
@@ -155,9 +156,15 @@ class GossipShuffleSampler(Sampler[int]):
         self.total_size = self.num_samples * world
 
     def __iter__(self) -> Iterator[int]:
-        positions = self._shard.positions()
-        ids = self._shard.tensors[0].tolist()
-        return (ids[pos] for pos in positions)
+        shard = self._shard
+        return self._follow(shard, shard.positions(), shard.tensors[0].tolist())
+
+    def _follow(self, shard: Shard, positions: Iterator[int], ids: list[int]) -> Iterator[int]:
+        for pos in positions:
+            if self._shard is not shard:  # re-sharded meanwhile (change_membership): go on there
+                yield from iter(self)
+                return
+            yield ids[pos]
 
     def __len__(self) -> int:
         """Indices yielded per epoch: ``num_samples``; with ``balance``, this epoch's shard."""
@@ -213,6 +220,48 @@ class GossipShuffleSampler(Sampler[int]):
         """Resume from ``state_dict()``: the next iteration continues where that one stopped."""
         self._shard.load_state_dict(state)
 
+    @property
+    def position(self) -> tuple[int, float]:
+        """``(epoch, share of the epoch's indices yielded so far)``."""
+        shard = self._shard
+        return shard.epoch, shard.yielded / max(1, shard.epoch_length)
+
+    def change_membership(
+        self, process_group: dist.ProcessGroup | None, position: tuple[int, float]
+    ) -> None:
+        """Re-shard over the ranks of ``process_group`` after a membership change
+        (``gossipgrad.elastic``); ``None`` lets go of the current group first (so that
+        ``destroy_process_group`` closes its connections). Every rank of the new group calls
+        it at the same point with the same ``position`` (``(epoch, share done)``, as the
+        ``position`` property gives it): each gets a fresh strided shard (ids ``rank::p``, whatever
+        ``initial_shards`` was) at that epoch and share, so the shards stay disjoint and cover
+        the dataset, and a departed rank's ids are spread over the survivors. The ids in flight
+        are dropped (the new shards do not need them); the rest of the epoch may visit some
+        samples twice or miss some, as a resume on another number of ranks would. An iterator
+        in progress (a ``DataLoader``'s) goes on in the new shard. Not with ``balance``."""
+        old = self._shard
+        old.group, old._inflight, old._sends, old._recvs = None, None, [], []
+        if process_group is None:
+            return
+        if old.options.balance:
+            raise ValueError(
+                "a membership change cannot re-shard balance=True (the shard sizes follow the "
+                "ranks' speeds): use balance=False with gossipgrad.elastic"
+            )
+        group, world, me = resolve_group(process_group, None, None)
+        n = len(self.dataset)
+        sizes = [len(range(r, n, world)) for r in range(world)]
+        shard = Shard(
+            [torch.from_numpy(strided_shard(n, me, world))], sizes, old.options, group, me
+        )
+        epoch, share = position
+        state = shard.state_dict() | {"epoch": int(epoch), "yielded": round(share * shard.length)}
+        shard.load_state_dict(state)
+        self._shard = shard
+        self.num_replicas, self.rank = world, me
+        self.num_samples = shard.length
+        self.total_size = self.num_samples * world
+
 
 class GossipShuffleDataset(Dataset[tuple[torch.Tensor, ...]]):
     """This rank's own samples (rows of ``tensors``, e.g. inputs and targets, on the CPU) that
@@ -227,8 +276,15 @@ class GossipShuffleDataset(Dataset[tuple[torch.Tensor, ...]]):
         tensors: this rank's samples, same number of rows; row shapes and dtypes equal across
             ranks.
         ids: global id of each row (default: rows numbered across ranks in rank order).
-        shuffle, seed, drop_last, shuffle_fraction, schedule, process_group, timeout: as for
-            ``GossipShuffleSampler``; ``len(dataset.sampler)`` is equal on every rank.
+        shuffle: as for ``GossipShuffleSampler``.
+        seed: as for ``GossipShuffleSampler``.
+        drop_last: as for ``GossipShuffleSampler``; ``len(dataset.sampler)`` is equal on every
+            rank.
+        shuffle_fraction: as for ``GossipShuffleSampler``.
+        schedule: as for ``GossipShuffleSampler``.
+        process_group: as for ``GossipShuffleSampler``.
+        timeout: as for ``GossipShuffleSampler``.
+        balance: as for ``GossipShuffleSampler``.
     """
 
     def __init__(

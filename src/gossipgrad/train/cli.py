@@ -60,9 +60,13 @@ def run(cfg: TrainConfig) -> int:
         check_launch(cfg)
     except ConfigError as error:
         return _error(str(error))
-    from gossipgrad.train.launch import train_command  # imports torch
-
     try:
+        if cfg.elastic:
+            from gossipgrad.train.elastic_launch import elastic_command  # imports torch
+
+            return elastic_command(cfg)
+        from gossipgrad.train.launch import train_command  # imports torch
+
         return train_command(cfg)
     except OSError as error:
         return _error(describe(error, cfg.out or "runs"))

@@ -110,6 +110,11 @@ class JobOptions:
         4, f"local worker processes, 1 to {MAX_NPROC} (ignored under torchrun)", low=1
     )
     max_restarts: int = _opt(0, "times the launcher restarts failed workers (torch elastic)", low=0)
+    elastic: bool = _opt(
+        False,
+        "each rank on its own: survivors go on when a worker dies, and restarted workers "
+        "(--max-restarts) join from a live peer (gossip on the CPU; see gossipgrad.elastic)",
+    )
     dataset: str = _opt(
         "digits",
         f"{', '.join(DATASETS)}, or your own as module:function",
