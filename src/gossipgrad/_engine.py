@@ -365,7 +365,9 @@ class StepEngine:
         if tensors is None:  # into a delta that does not exist yet
             self._delta = tensors = [torch.zeros_like(t) for t in self.mixed_tensors()]
         weight = delayed_weight(pending.ex.weight, self.options.max_staleness)
-        differences = pending.differences or [None] * len(self.buckets)
+        differences: list[torch.Tensor | None] = [None] * len(self.buckets)
+        if pending.differences:
+            differences = list(pending.differences)
         for k, (b, diff) in enumerate(zip(self.buckets, differences, strict=True)):
             own = [tensors[i] for i in b.indices]
             if diff is not None and not is_finite(diff):
@@ -562,7 +564,7 @@ class StepEngine:
 
     # --- errors ----------------------------------------------------------------------------------
 
-    def _nonfinite(self, what: str, source: int, index: int) -> None:
+    def _nonfinite(self, what: str, source: int | None, index: int) -> None:
         """Raise ``NonFiniteError``, or warn (``on_nonfinite="skip"``: the caller skips)."""
         where = (
             "its own parameters" if what == "local" else f"parameters received from rank {source}"

@@ -229,7 +229,7 @@ class WeakHook:
     hook."""
 
     def __init__(self, method: Callable[..., Any] | None) -> None:
-        self._method = None if method is None else weakref.WeakMethod(method)  # type: ignore[arg-type]
+        self._method = None if method is None else weakref.WeakMethod(method)
 
     def __call__(self, *args: Any) -> Any:
         method = None if self._method is None else self._method()

@@ -95,7 +95,7 @@ def _first_loss(exc: PeerError, rank: int, where: str) -> str:
     mine = f"{exc.peer}|{rank}|{where}"
     try:
         store = dist.distributed_c10d._get_default_store()
-        previous = store.timeout
+        previous = store.timeout  # type: ignore[attr-defined]  # in torch, missing from its stubs
         store.set_timeout(timedelta(seconds=5))
         try:
             first = store.compare_set("gossipgrad/first_loss", "", mine).decode()

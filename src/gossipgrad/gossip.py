@@ -70,6 +70,7 @@ from gossipgrad.collectives import (
     average_,
     broadcast_,
     consensus_distance,
+    world_group,
 )
 from gossipgrad.mixing import constant_buffers, make_buckets, replica_tensors, tracked_parameters
 from gossipgrad.options import GossipOptions
@@ -109,7 +110,7 @@ class GossipDataParallel(nn.Module, Joinable):
         _setup.check_initialised("GossipDataParallel")
         ddp = _setup.ddp_keywords(module, ddp)
         self.module = module
-        self.group = process_group if process_group is not None else dist.group.WORLD
+        self.group = process_group if process_group is not None else world_group()
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
         _setup.check_device(module, self.group)
@@ -335,7 +336,8 @@ class GossipDataParallel(nn.Module, Joinable):
         self._deferred = DeferredAverage()
         self._norms = None
         if group is None:
-            self.group = None
+            # detached between generations: nothing uses the group until the next call
+            self.group = None  # type: ignore[assignment]
             self._engine.change_membership(Detached(), 0, 1, step=began)
             return
         self.group, self.rank = group, dist.get_rank(group)

@@ -57,6 +57,7 @@ from gossipgrad.collectives import (
     broadcast_,
     consensus_distance,
     gather_object,
+    world_group,
 )
 from gossipgrad.mixing import constant_buffers, make_buckets, replica_tensors
 from gossipgrad.options import GossipOptions
@@ -207,7 +208,7 @@ class HierarchicalDataParallel(nn.Module):
         self._owed |= cadence.mixed_exchange(t, o.gossip_every, o.max_staleness) is not None
         if cadence.average_due(t, o.average_every):
             tensors = self._replicas()
-            self._deferred.take(tensors, self._scratch(tensors), dist.group.WORLD, o.timeout)
+            self._deferred.take(tensors, self._scratch(tensors), world_group(), o.timeout)
         self.step += 1
         if gossip is not None:
             gossip.skip_step()
@@ -256,7 +257,7 @@ class HierarchicalDataParallel(nn.Module):
         self._catch_up()
         tensors = self._replicas()
         return consensus_distance(
-            tensors, self._scratch(tensors), dist.group.WORLD, self.options.timeout
+            tensors, self._scratch(tensors), world_group(), self.options.timeout
         )
 
     def average_replicas(self, into: nn.Module | None = None) -> None:
@@ -269,7 +270,7 @@ class HierarchicalDataParallel(nn.Module):
             self._catch_up()
         target = None if into is None else replica_tensors(into, self._constants)
         tensors = self._replicas()
-        average_(tensors, self._scratch(tensors), dist.group.WORLD, target, self.options.timeout)
+        average_(tensors, self._scratch(tensors), world_group(), target, self.options.timeout)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:

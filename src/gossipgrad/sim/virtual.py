@@ -335,7 +335,9 @@ class _MemoryWire:
 
     def wait(self, timeout: timedelta, rank: int) -> None:
         index, first = self.at
-        for k, r in enumerate(self.recvs if self.source is not None else []):
+        if self.source is None:
+            return
+        for k, r in enumerate(self.recvs):
             sent = self.mailbox.pop((index, self.source, first + k), None)
             if sent is None:
                 raise RuntimeError(
