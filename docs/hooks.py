@@ -13,6 +13,9 @@ A page writes a marker on a line of its own and the build replaces it with a tab
     <!-- table: clipping -->                         benchmarks/clipping.py's
     <!-- table: convergence ARGS... -->              benchmarks/virtual_convergence.py ARGS's
     <!-- table: real-convergence -->                 benchmarks/real_convergence.py's
+    <!-- table: lm -->                               benchmarks/lm.py --show
+    <!-- table: virtual-lm -->                       benchmarks/virtual_lm.py's
+    <!-- table: elastic -->                          benchmarks/elastic.py's, per configuration
 
 Each table is made by the benchmark's own table function from its file in benchmarks/results/.
 An unknown marker, or a table with no runs, fails the build. ``results_table`` also makes the
@@ -191,6 +194,40 @@ def _real_convergence(args: dict[str, str]) -> str:
     return str(_benchmark("real_convergence").table(_json("virtual_convergence_real.json")["runs"]))
 
 
+def _lm(args: dict[str, str]) -> str:
+    """benchmarks/lm.py's tables of lm.json, under the command of each setting."""
+    settings = _json("lm.json")
+    commands = dict.fromkeys(s["command"] for s in settings)
+    text = _benchmark("_lm_tables").tables(settings)
+    text = re.sub(r"; code [^\n]*", "", text)  # the commits measured: in the JSON, not the docs
+    blocks = "".join(_command(["python", *shlex.split(c)]) for c in commands)
+    return blocks + _fence_notes(text)
+
+
+def _virtual_lm(args: dict[str, str]) -> str:
+    """benchmarks/virtual_lm.py's table for each number of replicas of virtual_lm.json."""
+    result, bench = _json("virtual_lm.json"), _benchmark("virtual_lm")
+    tables = [bench.table(int(p), runs) for p, runs in result["runs"].items()]
+    if not tables:
+        raise ValueError("virtual_lm.json has no runs")
+    return f"```bash\n{result['command']}\n```\n\n" + "\n\n".join(tables)
+
+
+def _elastic(args: dict[str, str]) -> str:
+    """benchmarks/elastic.py's table for each configuration of elastic.json, under its command."""
+    bench, out = _benchmark("elastic"), []
+    for config in _json("elastic.json")["configs"].values():
+        s = config["settings"]
+        words = ["python", "benchmarks/elastic.py", "--seeds", *map(str, s["seeds"])]
+        for key in ("world", "kills", "steps", "step_ms", "replace_after_s"):
+            words += [f"--{key.replace('_', '-')}", str(s[key])]
+        words += ["--out", "benchmarks/results/elastic.json"]
+        out.append(_command(words) + "\n" + bench.table(config["runs"], s["world"], s["kills"]))
+    if not out:
+        raise ValueError("elastic.json has no configurations")
+    return "\n\n".join(out)
+
+
 # --- the headline results (index.md and the README) --------------------------------------------
 
 
@@ -303,6 +340,9 @@ TABLES: dict[str, Callable[[dict[str, str]], str]] = {
     "stragglers": _stragglers,
     "clipping": _clipping,
     "real-convergence": _real_convergence,
+    "lm": _lm,
+    "virtual-lm": _virtual_lm,
+    "elastic": _elastic,
 }
 
 
@@ -326,10 +366,18 @@ def on_page_markdown(markdown: str, page: Any, **kwargs: Any) -> str:
     return MARKER.sub(replace, markdown)
 
 
+# The plots the benchmarks write in benchmarks/results/, served beside the benchmark pages.
+PLOTS = (
+    "scale.png",  # benchmarks/scale_plot.py
+    "lm_4x100mbit.png",  # benchmarks/lm.py
+)
+
+
 def on_files(files: Any, config: Any, **kwargs: Any) -> Any:
-    """The scaling plot that benchmarks/scale_plot.py writes, served as benchmarks/scale.png."""
+    """The benchmarks' plots (``PLOTS``), served as benchmarks/NAME."""
     from mkdocs.structure.files import File
 
-    plot = RESULTS / "scale.png"
-    files.append(File.generated(config, "benchmarks/scale.png", abs_src_path=str(plot)))
+    for name in PLOTS:
+        plot = RESULTS / name
+        files.append(File.generated(config, f"benchmarks/{name}", abs_src_path=str(plot)))
     return files
