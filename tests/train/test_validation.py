@@ -131,7 +131,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "lr_schedule": ("constant", "cosine", "step"),
     "amp": ("none", "bf16", "fp16"),
 }
-_BOOLS = ("sync", "tracking", "balance", "quiet", "tensorboard")
+_BOOLS = ("sync", "tracking", "balance", "quiet", "tensorboard", "elastic")
 _FREE = ("resume", "out")  # any text
 
 
