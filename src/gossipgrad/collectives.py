@@ -42,12 +42,12 @@ def arrive(group: dist.ProcessGroup | None, timeout: timedelta | None, what: str
     """Wait until every rank of ``group`` reaches this point (``what``, for the message); raise
     ``PeerError`` naming the ranks that did not within ``timeout``. No-op without a timeout, in a
     world of one, or on a backend other than gloo."""
-    if not _monitored(group, timeout):
+    if timeout is None or not _monitored(group, timeout):
         return
     try:
         dist.monitored_barrier(group=group, timeout=timeout, wait_all_ranks=True)
     except RuntimeError as exc:
-        raise _absent(exc, group, timeout, what) from exc  # type: ignore[arg-type]
+        raise _absent(exc, group, timeout, what) from exc
 
 
 def _monitored(group: dist.ProcessGroup | None, timeout: timedelta | None) -> bool:
