@@ -20,6 +20,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ import torch._dynamo  # noqa: F401 - the first optimizer imports it: once here, 
 import torch.distributed as dist
 from torch import nn
 
+from gossipgrad import checkpoint
 from gossipgrad.elastic import ElasticGossip, MembershipChange, MembershipError
 from gossipgrad.sampler import GossipShuffleSampler
 
@@ -384,3 +386,120 @@ def test_the_store_host_dies() -> None:
         assert "host the store in a process that outlives the workers" in error[1]
     # the first to see it names rank 2; the other may have seen its partner leave in turn
     assert any("rank 2 has probably died" in error[1] for error in results[:2])
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+
+def _checkpointed(
+    index: int,
+    port: int,
+    world: int,
+    steps: int,
+    folder: str,
+    save_at: tuple[int, ...],
+    resume: str | None,
+    kill: tuple[int, int] | None = None,
+    dies_writing: int | None = None,
+) -> Any:
+    """Train a small regression (SGD with momentum, each rank's batches drawn from
+    ``(rank, step)``); save a checkpoint at each step of ``save_at``; with ``resume``, load
+    that checkpoint first. Rank ``kill[0]`` dies at step ``kill[1]``; rank ``dies_writing``
+    dies when it begins writing its files."""
+    if index == dies_writing:
+        checkpoint._write_rank = lambda *_: _die()  # this forked worker's own module
+    torch.manual_seed(100 + index)
+    module = nn.Linear(6, 2)
+    elastic = ElasticGossip(
+        module, _client(port), world_size=world, rank=index, settle=SETTLE, timeout=TIMEOUT
+    )
+    optimizer = torch.optim.SGD(elastic.model.parameters(), lr=0.05, momentum=0.9)
+    elastic.start(optimizer)
+    loaded = elastic.load_checkpoint(resume) if resume else None
+    at_load = (_replica(module), elastic.step)
+    saved: dict[int, list[torch.Tensor]] = {}
+    while elastic.step < steps:
+        if elastic.step in save_at:
+            elastic.save_checkpoint(folder, keep=5)
+            saved[elastic.step] = _replica(module)
+        if kill == (index, elastic.step):
+            _die()
+        generator = torch.Generator().manual_seed(1000 * elastic.rank + elastic.step)
+        x, y = torch.randn(8, 6, generator=generator), torch.randn(8, 2, generator=generator)
+        nn.functional.mse_loss(module(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    out: dict[str, Any] = {"saved": saved, "at_load": at_load, "final": _replica(module)}
+    out |= {"loaded": loaded, "changes": elastic.changes}
+    out |= {"rank": elastic.rank, "world_size": elastic.world_size}
+    elastic.close()
+    return out
+
+
+def test_a_checkpoint_resumes_exactly_on_as_many_ranks_and_averages_on_fewer() -> None:
+    """3 ranks save at step 6 and train to 12. Resumed on 3 ranks, each rank starts from
+    exactly its saved replica at step 6 and reaches exactly the replica the uninterrupted run
+    had at step 12 (optimizer, engine state and exchange in flight restored too); resumed on
+    2 ranks, both start from the exact mean of the 3 saved replicas, at step 6."""
+    with tempfile.TemporaryDirectory() as folder:
+        first = _ok(_run(_checkpointed, 3, 3, 12, folder, (6,), None), [0, 1, 2])
+        path = os.path.join(folder, "step_00000006")
+        again = _ok(_run(_checkpointed, 3, 3, 12, folder, (), path), [0, 1, 2])
+        for before, after in zip(first, again, strict=True):
+            replica, step = after["at_load"]
+            assert step == 6 and after["loaded"]["elastic"]["step"] == 6
+            for got, want in zip(replica, before["saved"][6], strict=True):
+                assert torch.equal(got, want)
+            for got, want in zip(after["final"], before["final"], strict=True):
+                assert torch.equal(got, want)
+        fewer = _ok(_run(_checkpointed, 2, 2, 8, folder, (), path), [0, 1])
+        mean = _mean([out["saved"][6] for out in first])
+        for out in fewer:
+            assert out["at_load"][1] == 6 and out["loaded"]["saved_world_size"] == 3
+            for got, want in zip(out["at_load"][0], mean, strict=True):
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_a_checkpoint_after_a_membership_change() -> None:
+    """3 ranks; rank 2 dies at step 3; the two survivors save at step 8 (generation 1, world
+    size 2) and go on. Resumed on 3 ranks, every rank starts from the exact mean of the two
+    saved replicas, at step 8, and trains to the end."""
+    with tempfile.TemporaryDirectory() as folder:
+        results = _run(_checkpointed, 3, 3, 10, folder, (8,), None, (2, 3))
+        assert results[2] is None
+        survivors = _ok(results, [0, 1])
+        path = os.path.join(folder, "step_00000008")
+        assert survivors[0]["world_size"] == 2
+        resumed = _ok(_run(_checkpointed, 3, 3, 12, folder, (), path), [0, 1, 2])
+        mean = _mean([out["saved"][8] for out in survivors])
+        for out in resumed:
+            assert out["loaded"]["elastic"] == out["loaded"]["elastic"] | {
+                "generation": 1,
+                "world_size": 2,
+                "step": 8,
+            }
+            assert out["at_load"][1] == 8
+            for got, want in zip(out["at_load"][0], mean, strict=True):
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_a_rank_dies_while_a_checkpoint_is_written() -> None:
+    """3 ranks save at step 6; rank 2 dies as it begins writing its files. The two others
+    see it in the write's collectives, form generation 1 and write checkpoint 6 again, by 2
+    ranks; they finish. Resumed on 2 ranks, each starts from exactly its saved replica."""
+    with tempfile.TemporaryDirectory() as folder:
+        results = _run(_checkpointed, 3, 3, 10, folder, (6,), None, None, 2)
+        assert results[2] is None
+        survivors = _ok(results, [0, 1])
+        for out in survivors:
+            assert [(c.generation, c.step, c.world_size) for c in out["changes"]] == [(1, 6, 2)]
+        path = os.path.join(folder, "step_00000006")
+        assert checkpoint.saved_world_size(path) == 2
+        assert checkpoint.list_checkpoints(folder) == [Path(path)]
+        resumed = _ok(_run(_checkpointed, 2, 2, 10, folder, (), path), [0, 1])
+        for before, after in zip(survivors, resumed, strict=True):
+            assert after["at_load"][1] == 6
+            for got, want in zip(after["at_load"][0], before["saved"][6], strict=True):
+                assert torch.equal(got, want)
+            for got, want in zip(after["final"], before["final"], strict=True):
+                assert torch.equal(got, want)

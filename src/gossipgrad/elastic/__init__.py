@@ -60,6 +60,23 @@ came).
 - *Gradient tracking, outer steps* restart from zero trackers and the current replica on every
   member, as when wrapping.
 
+**Checkpoints.** ``elastic.save_checkpoint(folder)`` (every member, between steps, at the
+same step: a condition on ``elastic.step``, which the members agree on) writes each member's
+replica, optimizer state, engine state (``gossip_state()``: the exchange in flight, waited for
+and not mixed), sampler position and ``start``'s ``state`` objects, with the generation and the
+step, in ``gossipgrad.checkpoint``'s format (atomic; loading runs no code from the files). It
+works in any generation: a member lost during the write is a membership change like any other,
+after which the survivors write the checkpoint again at the same step. A new job resumes from
+it with ``elastic.load_checkpoint(path)`` after ``start`` (every member of its start; a process
+that joined a running job has its replica from a peer and does not load). *Exactly* means: on
+the number of ranks that saved it, rank ``r`` gets back bit for bit what rank ``r`` saved, so
+the job goes on as the saved one would have with the same members (same replicas, same
+optimizer states, same exchange in flight, same step and data position); on another number,
+every rank starts from the exact mean of the saved replicas, optimizer and engine states (summed
+in float64), at the saved step, with the sampler re-sharded at the saved position (the data
+order then differs from the saved run's). ``gossipgrad train --elastic --checkpoint-every N``
+and ``--resume auto`` use them.
+
 **Measured** (``python benchmarks/elastic.py --seeds 0 1 2 --out
 benchmarks/results/elastic.json``, then the same with ``--world 8 --kills 2``: the digits MLP on
 loopback gloo, 600 steps paced to 50 ms, exchange timeout 10 s, ``settle`` 1 s; the first kill
@@ -70,6 +87,13 @@ from a process that had imported torch already; mean over 3 seeds):
 |---|---|---|---|---|---|---|
 | 4, 1 | 0 | 1.3 | 1.13 | 0.27 | 0.9750 ± 0.0068 | 0.9722 ± 0.0045 |
 | 8, 2 | 0 | 1.3 | 1.21 | 0.50 | 0.9731 ± 0.0047 | 0.9731 ± 0.0047 |
+
+The job without elasticity under the same kill (``python benchmarks/elastic.py --rows restart
+--seeds 0 1 2 --out benchmarks/results/elastic.json``: ``gossipgrad train --max-restarts 1
+--resume auto --checkpoint-every 50``, torch elastic restarting every worker from the last
+checkpoint) loses the 30 steps since that checkpoint (computed again: 1.5 s more at this pace);
+its first step after the kill ends 1.08 s after it, and its accuracy, 0.9722 ± 0.0039, is that
+of its own uninterrupted runs (the resume is bit-exact).
 
 "s to next step": from the kill to the first step a survivor ends after it, mostly ``settle``
 (a generation that lost a member waits that long for more). "s to join": from a replacement's

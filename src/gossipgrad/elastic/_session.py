@@ -23,6 +23,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -30,7 +31,9 @@ import torch.distributed as dist
 import torch.distributed.optim  # noqa: F401 - see below
 from torch import nn
 
+from gossipgrad import checkpoint
 from gossipgrad.collectives import barrier
+from gossipgrad.elastic import _checkpoint
 from gossipgrad.elastic._membership import Generation, Member, Membership, MembershipError
 from gossipgrad.errors import PeerError
 from gossipgrad.gossip import GossipDataParallel
@@ -83,9 +86,10 @@ class ElasticGossip:
         settle: how long a forming generation waits for more members after the last one came
             (a member that died never comes); keep it above a step's time.
         on_change: called after each membership change with a ``MembershipChange``.
-        options, keywords: ``GossipDataParallel``'s; ``timeout`` (30 s unless ``options``
-            says otherwise) is also how long a change may take. ``schedule="hypercube"``
-            (powers of two only) is refused.
+        options: ``GossipDataParallel``'s; ``timeout`` (30 s unless ``options`` says
+            otherwise) is also how long a change may take.
+        **keywords: ``GossipDataParallel``'s. ``schedule="hypercube"`` (powers of two only)
+            is refused.
 
     Use: build, make the optimizer over ``model.parameters()``, ``start`` (a replacement
     receives its replica there), then train in a loop bounded by steps::
@@ -216,6 +220,59 @@ class ElasticGossip:
                 cause = str(error)
             self._change(self.model.step, cause)
             iterator = iter(loader)
+
+    def save_checkpoint(
+        self, folder: str | Path, *, keep: int = 3, extra: dict[str, Any] | None = None
+    ) -> Path | None:
+        """Write checkpoint ``step`` in ``folder`` (``gossipgrad.checkpoint``'s format): every
+        member its replica, optimizer state, engine state, sampler position and ``start``'s
+        ``state`` objects, plus ``extra`` (JSON values and tensors); return its path. Collective:
+        every member calls it between steps at the same step (a condition on ``step``, which
+        every member agrees on). A member lost during the write leads to a membership change,
+        and the survivors write the checkpoint again, at the same step, in the new generation;
+        None if that change moved the step back (a member had not reached it: the members take
+        those steps again, and the caller's condition brings them here again)."""
+        assert self._optimizer is not None, "call start() before save_checkpoint()"
+        at = self.step
+        while self.step == at:
+            try:
+                state = _checkpoint.state_of(
+                    self.model,
+                    self._optimizer,
+                    self._sampler,
+                    self._state,
+                    self.membership.number,
+                    dict(extra or {}),
+                )
+                return checkpoint.save(folder, self.step, state, keep=keep)
+            except RuntimeError as error:  # a PeerError, gloo's, or a CheckpointError naming it
+                if isinstance(error, MembershipError) or not (
+                    _lost(error) or isinstance(error, dist.DistError)
+                ):
+                    raise
+                cause = str(error)
+            self._change(self.step, cause)  # outside the handler, as in _at_step_end
+        return None
+
+    def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
+        """Resume from checkpoint ``path`` (``save_checkpoint``'s), before the first step, on
+        every member of the job's start (collective). On the number of ranks that saved it,
+        rank ``r`` gets back exactly what rank ``r`` saved (replica, optimizer, engine state
+        with the exchange in flight, sampler, step); on another number, every rank starts from
+        the exact mean of the saved replicas, optimizer and engine states, with the sampler
+        re-sharded at the saved position. Returns the saved ``elastic`` entry (``generation``,
+        ``step``, ``world_size``, ``position``), ``extra`` and ``saved_world_size``. A process
+        that joined a running job has its replica from a peer already: it must not call this."""
+        assert self._optimizer is not None, "call start() before load_checkpoint()"
+        if self.changes or self.model.step:
+            raise RuntimeError(
+                f"rank {self.rank}: load_checkpoint() is for the job's start, before the first "
+                "step; a process that joined a running job got its replica from a live peer "
+                "(check `elastic.changes` before loading)"
+            )
+        return _checkpoint.load_into(
+            Path(path), self.model, self._optimizer, self._sampler, self._state
+        )
 
     def close(self) -> None:
         """Complete the last exchange, remove the hooks and destroy the process group (every

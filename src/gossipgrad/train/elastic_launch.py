@@ -16,9 +16,19 @@ Each worker trains ``--max-steps`` steps (default: ``--epochs`` epochs of the da
 start's ``--nproc``) with SGD (``--lr``, ``--momentum``, ``--weight-decay``) on a
 ``GossipShuffleSampler``, on the CPU with gloo; then the members average their replicas, score
 the average on the held-out split, and the lowest rank writes ``<out>/gossip-elastic/``
-(``model.pt``, ``summary.json``). Not supported with ``--elastic`` (yet): checkpoints
-(``--checkpoint-every``, ``--resume``), metrics records, evaluations during training, learning
-rate schedules, mixed precision, other optimizers and the all-reduce comparison.
+(``model.pt``, ``summary.json``). Not supported with ``--elastic`` (yet): metrics records,
+evaluations during training, learning rate schedules, mixed precision, other optimizers and the
+all-reduce comparison.
+
+**Checkpoints.** With ``--checkpoint-every N``, the members write
+``<out>/gossip-elastic/checkpoints/step_*`` every N steps (``ElasticGossip.save_checkpoint``:
+each member its replica, optimizer, engine state and sampler position, at the same step, in
+``gossipgrad.checkpoint``'s format), through membership changes (the step counts on: a member
+lost during a write leads to a change, and the survivors write it again). ``--resume`` (``auto``
+or a path) starts the job from one: on the number of ranks that saved it, each rank from
+exactly its saved state; on another number, every rank from the exact mean of the saved
+replicas (``ElasticGossip.load_checkpoint``). A restarted worker that joins the running job
+takes its replica from a live peer, never from a checkpoint.
 
 On many machines, host the store with ``python -m gossipgrad.elastic store`` and run each rank
 under its own torchrun (``--standalone``): see ``gossipgrad.elastic.__main__``.
@@ -37,6 +47,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sized
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -47,8 +58,10 @@ from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+from gossipgrad import checkpoint
 from gossipgrad.elastic import ElasticGossip
 from gossipgrad.sampler import GossipShuffleSampler
+from gossipgrad.train import run_state
 from gossipgrad.train.config import TrainConfig
 from gossipgrad.train.data import load_dataset
 from gossipgrad.train.evaluation import evaluate
@@ -68,6 +81,12 @@ def elastic_command(cfg: TrainConfig) -> int:
         sys.stderr.write(f"gossipgrad: error: {problem}\n")
         return 2
     out = Path(default_out(cfg))
+    cfg = replace(cfg, out=str(out))
+    try:
+        run_state.check_resume(cfg, RUN, _model_name(cfg))
+    except run_state.ResumeError as error:
+        sys.stderr.write(f"gossipgrad: error: {error}\n")
+        return 2
     torch.set_num_threads(1)  # forked agents and workers: no OpenMP threads alive at fork time
     with loopback_store(cfg.timeout_s) as (_, port):
         address = f"127.0.0.1:{port}"
@@ -105,8 +124,6 @@ def check_elastic(cfg: TrainConfig) -> str | None:
     refused = {
         "--algo": cfg.algo != "gossip" and f"{cfg.algo} (use --algo gossip)",
         "--device": cfg.device == "cuda" and "cuda (gloo on the CPU only)",
-        "--checkpoint-every": cfg.checkpoint_every and str(cfg.checkpoint_every),
-        "--resume": cfg.resume and cfg.resume,
         "--schedule": cfg.schedule == "hypercube" and "hypercube (a power of two only)",
     }
     for name, value in refused.items():
@@ -160,7 +177,8 @@ def elastic_worker(
     train, test_set, info = load_dataset(cfg.dataset, seed=cfg.seed)
     train_set = cast(Sized, train)
     torch.manual_seed(cfg.seed)
-    module = build_model(default_model(info) if cfg.model == "auto" else cfg.model, info)
+    model_name = default_model(info) if cfg.model == "auto" else cfg.model
+    module = build_model(model_name, info)
     options = cfg.gossip_options()
     elastic = ElasticGossip(module, store, world_size=cfg.nproc, rank=rank, options=options)
     optimizer = torch.optim.SGD(
@@ -169,12 +187,24 @@ def elastic_worker(
     sampler = GossipShuffleSampler(
         train_set, seed=cfg.seed, shuffle_fraction=cfg.shuffle_fraction, timeout=timeout
     )
-    elastic.start(optimizer, sampler=sampler)
+    saved = _Saved()  # travels to joiners with the replica: every member agrees when to save
+    elastic.start(optimizer, sampler=sampler, state={"saved": saved})
+    folder = Path(out) / RUN / "checkpoints"
+    resume = _resume_path(cfg, folder) if cfg.resume and not elastic.changes else None
+    if resume is not None:
+        elastic.load_checkpoint(resume)
+        saved.step = elastic.step
+    identity = {"algo": RUN, "dataset": cfg.dataset, "model": model_name}
+    record = {"run": {**identity, "config": cfg.to_dict()}}
     loader = torch.utils.data.DataLoader(train, batch_size=cfg.batch_size, sampler=sampler)
     batches = elastic.batches(loader)
     steps = cfg.max_steps or cfg.epochs * math.ceil(len(train_set) / (cfg.nproc * cfg.batch_size))
     began = time.perf_counter()
     while elastic.step < steps:
+        every = cfg.checkpoint_every
+        due = every and elastic.step % every == 0 and elastic.step > saved.step
+        if due and elastic.save_checkpoint(folder, keep=cfg.keep_checkpoints, extra=record):
+            saved.step = elastic.step
         if on_step is not None:
             on_step(elastic)
         x, y = next(batches)
@@ -191,6 +221,7 @@ def elastic_worker(
         "loss": loss,
         "train_time_s": trained_s,
         "changes": [change.__dict__ for change in elastic.changes],
+        "resumed_from": str(resume) if resume is not None else None,
     }
     if elastic.rank == 0:
         folder = Path(out) / RUN
@@ -199,3 +230,41 @@ def elastic_worker(
         (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     elastic.close()
     return summary
+
+
+class _Saved:
+    """The step of the last checkpoint, so that a step taken again after a membership change
+    (or a joiner) does not write it twice: a ``state`` object of ``ElasticGossip.start``."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+
+
+def _model_name(cfg: TrainConfig) -> str:
+    if cfg.model != "auto":
+        return cfg.model
+    return default_model(load_dataset(cfg.dataset, seed=cfg.seed)[2])
+
+
+def _resume_path(cfg: TrainConfig, folder: Path) -> Path | None:
+    """The checkpoint ``--resume`` names: the newest intact one of ``folder`` (``auto``), of a
+    checkpoints or run folder, or a ``step_*`` folder itself; None if there is none yet."""
+    given = Path(cfg.resume)
+    if cfg.resume == "auto":
+        found = checkpoint.list_checkpoints(folder)
+    elif (given / checkpoint.MANIFEST).exists():
+        found = [given]
+    else:
+        found = next(
+            (c for p in (given / RUN / "checkpoints", given / "checkpoints", given)
+             if (c := checkpoint.list_checkpoints(p))),
+            [],
+        )  # fmt: skip
+    intact = [path for path in found if checkpoint.validate(path, any_world=True) is None]
+    return intact[-1] if intact else None
