@@ -13,12 +13,11 @@ import multiprocessing as mp
 import os
 import pickle
 import signal
-import socket
 import tempfile
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from torch import nn
 from gossipgrad import checkpoint
 from gossipgrad.elastic import ElasticGossip, MembershipChange, MembershipError
 from gossipgrad.sampler import GossipShuffleSampler
+from gossipgrad.train.launch import loopback_store
 
 TIMEOUT = timedelta(seconds=8)
 SETTLE = timedelta(seconds=1)  # above a step, even on a loaded machine
@@ -48,19 +48,8 @@ def _host(port_file: str) -> None:
         time.sleep(600)
 
 
-@contextlib.contextmanager
-def _store_server() -> Iterator[tuple[dist.TCPStore, int]]:
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    store = dist.TCPStore(
-        "127.0.0.1",
-        port,
-        is_master=True,
-        wait_for_workers=False,
-        timeout=timedelta(seconds=30),
-        master_listen_fd=listener.detach(),
-    )
-    yield store, port
+def _store_server() -> contextlib.AbstractContextManager[tuple[dist.TCPStore, int]]:
+    return loopback_store(30)  # the launcher's own store host
 
 
 def _client(port: int) -> dist.TCPStore:
