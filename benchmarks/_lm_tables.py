@@ -14,7 +14,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _lm_contenders import parse  # noqa: E402
-from peers import _group, _mean_std, _secs  # noqa: E402
+from peers import _group, _mean_std, _secs, stopped_runs  # noqa: E402
 
 _SAME = 1e-9  # a loss equal to the target reaches it
 
@@ -115,14 +115,7 @@ def tables(settings: list[dict[str, Any]]) -> str:
                 f" | {' | '.join(_epoch_losses(rs))} | {_secs(mean('train_time_s'))} | {hit} | "
                 f"{ratio} | {at_best:.3f} |"
             )
-        errors = [
-            f"{r['contender']} (seed {r['seed']}): {r['error']}"
-            for s2 in settings
-            if (s2["hosts"], s2["rate"]) == (s["hosts"], s["rate"])
-            for r in s2["runs"]
-            if r.get("error")
-        ]
-        out += [f"\nstopped: {e}" for e in errors]
+        out += stopped_runs(settings, s)
         out.append(_targets(by, hits, target, best))
     return "\n".join(out)
 

@@ -711,6 +711,17 @@ def _group(settings: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
     return dict(sorted(groups.items()))
 
 
+def stopped_runs(settings: list[dict[str, Any]], setting: dict[str, Any]) -> list[str]:
+    """Table lines for the runs of ``setting``'s (hosts, rate) that stopped with an error."""
+    return [
+        f"\nstopped: {r['contender']} (seed {r['seed']}): {r['error']}"
+        for other in settings
+        if (other["hosts"], other["rate"]) == (setting["hosts"], setting["rate"])
+        for r in other["runs"]
+        if r.get("error")
+    ]
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else float("nan")
 
@@ -810,14 +821,7 @@ def tables(settings: list[dict[str, Any]]) -> str:
                 speed = f"{h['ddp'][0] / h[name][0]:.2f}x" if "ddp" in h and name in h else "-"
                 cells += [_hit(h, name, len(rs)), speed]
             out.append(_row(rs, base, cells))
-        errors = [
-            f"{r['contender']} (seed {r['seed']}): {r['error']}"
-            for s2 in settings
-            if (s2["hosts"], s2["rate"]) == (s["hosts"], s["rate"])
-            for r in s2["runs"]
-            if r.get("error")
-        ]
-        out += [f"\nstopped: {e}" for e in errors]
+        out += stopped_runs(settings, s)
         out.append(_targets(by, hits, target, ddp_std))
         again = _targets(by, hits_c, target, ddp_std).splitlines()[2:]
         out += ["without round switches (the times of the last two columns):", *again]
