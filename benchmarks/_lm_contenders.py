@@ -18,7 +18,7 @@ Names (``parse``; other K, H and settings work too):
   the last), one synchronised every H/F steps so that each is every H, staggered; the all-reduce
   overlaps T inner steps (default 1), after which the fragment is ``lerp(global, local, A)``
   (default 0.5 with overlap, the paper's alpha). ``diloco`` takes ``-fF -tT -aA`` too;
-- ``gossip[-kK][-bf16|-fp16][-outerLRmM]``: ``gossipgrad.wrap(module, "gossip", ...)`` with
+- ``gossip[-kK][-bf16|-fp16|-int8][-outerLRmM]``: ``gossipgrad.wrap(module, "gossip", ...)`` with
   ``gossip_every=K`` and ``outer_lr``, ``outer_momentum`` (the outer step on gossip's
   pseudo-gradient; none by default).
 
@@ -110,7 +110,7 @@ def parse(name: str) -> Contender:
             return Contender(name, "gossip", outer=outer, gossip=tuple(sorted(o.items())))
     raise ValueError(
         f"unknown contender {name!r}: ddp, localsgd-kK, diloco-hH, sdiloco-hH[-fF][-tT][-aA], "
-        "gossip[-kK][-bf16|-fp16] (diloco and gossip take -outerLRmM, e.g. -outer0.7m0.9)"
+        "gossip[-kK][-bf16|-fp16|-int8] (diloco and gossip take -outerLRmM, e.g. -outer0.7m0.9)"
     )
 
 

@@ -20,8 +20,8 @@ from the same initialisation (``torch.manual_seed(seed)``), on the same shards a
 - ``localsgd-kK``: torch post-local SGD, ``PostLocalSGDOptimizer`` + ``PeriodicModelAverager``
   (period K, no warm-up: from the first step, as gossip); ``local``: no communication at all (the
   replicas are averaged only to evaluate);
-- ``gossip[-kK][-bf16|-fp16][-pgaH][-sync]``: ``gossipgrad.wrap(module, "gossip", ...)`` with
-  ``gossip_every=K``, ``wire_dtype``, ``average_every=H`` (Gossip-PGA), ``sync=True``.
+- ``gossip[-kK][-bf16|-fp16|-int8][-pgaH][-sync]``: ``gossipgrad.wrap(module, "gossip", ...)``
+  with ``gossip_every=K``, ``wire_dtype``, ``average_every=H`` (Gossip-PGA), ``sync=True``.
 
 **Rounds are interleaved**: each host's process trains contender A for one epoch, then B, then
 C, then A's next epoch, ..., so that a change of the machine's load hits every contender alike.
@@ -110,7 +110,7 @@ DEFAULT_CONTENDERS = (
 # (free page reporting) and the next first touch of it costs tens of microseconds under load.
 KEEP_HEAP = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776"
 POWERSGD_START = 2  # the least start_powerSGD_iter torch accepts with error feedback
-_GOSSIP = re.compile(r"gossip(?:-k(\d+))?(?:-(bf16|fp16))?(?:-pga(\d+))?(-sync)?")
+_GOSSIP = re.compile(r"gossip(?:-k(\d+))?(?:-(bf16|fp16|int8))?(?:-pga(\d+))?(-sync)?")
 
 
 # --- contenders ----------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ def parse(name: str) -> Spec:
         if m[1]:
             o["gossip_every"] = int(m[1])
         if m[2]:
-            o["wire_dtype"] = {"bf16": "bfloat16", "fp16": "float16"}[m[2]]
+            o["wire_dtype"] = {"bf16": "bfloat16", "fp16": "float16", "int8": "int8"}[m[2]]
         if m[3]:
             o["average_every"] = int(m[3])
         if m[4]:
@@ -170,7 +170,7 @@ def parse(name: str) -> Spec:
         return Spec(name, "gossip", gossip=tuple(sorted(o.items())))
     raise ValueError(
         f"unknown contender {name!r}: ddp, ddp-fp16, ddp-powersgd-rR, localsgd-kK, local, "
-        "gossip[-kK][-bf16|-fp16][-pgaH][-sync]"
+        "gossip[-kK][-bf16|-fp16|-int8][-pgaH][-sync]"
     )
 
 
@@ -198,7 +198,9 @@ def expected_bytes(spec: Spec, shapes: list[list[int]], world: int, steps: int) 
     if spec.family == "localsgd":
         return ring * model * math.ceil(steps / spec.period) / steps if spec.period else 0.0
     o = dict(spec.gossip)
-    wire = model // 2 if o.get("wire_dtype") else model
+    from gossipgrad._quantize import encoded_size
+
+    wire = {None: model, "int8": encoded_size(sum(numels))}.get(o.get("wire_dtype"), model // 2)
     # the exchange of step s (a multiple of K) leaves at the end of step s - 1: exchange 0 is
     # never sent, and the last step's end sends the exchange of step `steps` (the epoch's
     # flush completes it)

@@ -291,7 +291,9 @@ def _skipped(rank: int, world: int, sync: bool) -> list[tuple[torch.Tensor, int]
 def test_a_step_skipped_on_one_rank_changes_nothing_but_when(sync: bool) -> None:
     """With learning rate 0 a skipped optimizer step would have changed nothing: the runs with
     a skip must end where the run without one ends (their mixes land in the delta, later)."""
-    results = run_world(_skipped, 2, sync)
+    # three ranks: with two, the first mix of lr-0 replicas is their exact mean (the pull is
+    # not amplified by the momentum) and every run would trivially end at consensus
+    results = run_world(_skipped, 3, sync)
     for rank, ((want, steps), *skipped) in enumerate(results):
         assert steps == 4 * H
         for got, got_steps in skipped:
@@ -335,6 +337,29 @@ def test_outer_step_with_lr_1_and_no_momentum_is_residual_mixing(wire: torch.dty
     assert (_flat(outer) - _flat(residual)).abs().max().item() < 1e-6
     # the new slow weights are the pair's mean of the snapshots (as the wire carried them)
     assert (_flat(slow) - _flat(pack_(torch.empty(17), x)) + 0.5 * diff.double()).abs().max() < 1e-6
+
+
+def test_the_pull_toward_the_partner_stays_out_of_the_momentum_and_the_lr() -> None:
+    """NoLoCo's split: ``u`` follows this replica's own pseudo-gradient whoever the partner is,
+    and ``phi`` moves by the Nesterov step plus ``w (r - s)`` exactly once."""
+    g = torch.Generator().manual_seed(1)
+    s = [torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
+    slow0 = [t + torch.randn(t.shape, generator=g, dtype=torch.float64) for t in s]
+    u0 = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in s]
+    snapshot = pack_(torch.empty(17, dtype=torch.float64), s)
+    results = []
+    for partner_shift in (0.0, 3.0):  # two different partners
+        diff = torch.randn(17, generator=g, dtype=torch.float64) * partner_shift  # s - r
+        x, slow, buf = [t + 0.1 for t in s], [t.clone() for t in slow0], [t.clone() for t in u0]
+        outer_step_(x, slow, buf, snapshot, diff, 0.5, LR, MOMENTUM)
+        d = _flat(slow0) - snapshot
+        u = MOMENTUM * _flat(u0) + d
+        phi = _flat(slow0) - LR * (d + MOMENTUM * u) - 0.5 * diff
+        assert (_flat(buf) - u).abs().max() < 1e-12
+        assert (_flat(slow) - phi).abs().max() < 1e-12
+        assert (_flat(x) - (snapshot + 0.1 + phi - snapshot)).abs().max() < 1e-12
+        results.append(_flat(buf))
+    assert torch.equal(results[0], results[1])  # the partner never enters the momentum
 
 
 def _hierarchical(rank: int, world: int) -> str:

@@ -28,10 +28,11 @@ at the next ``finish_step``. Every exchange is mixed exactly once, so the replic
 DiLoCo's outer optimizer, on the pair's mean instead of an all-reduce). The engine keeps slow
 weights ``phi`` (the replica when wrapped, or when the layout changed) and a momentum buffer
 ``u``; the snapshot ``s`` is sent as above (same bytes, same overlap), and where a mix is due,
-``gossipgrad.mixing.outer_step_`` takes one Nesterov step of ``phi`` on the pseudo-gradient
-``phi - m`` (``m = s - w (s - r)``, the pair's mean) and moves the replica by ``phi' - s``,
-which keeps the local steps taken since ``s``. Summed over ranks the pair terms cancel, so the
-mean of the ``phi`` follows DiLoCo's outer step on the mean exactly. Overlapped, the step uses
+``gossipgrad.mixing.outer_step_`` takes one Nesterov step of ``phi`` on this replica's
+pseudo-gradient ``phi - s``, pulls it toward the pair's mean by ``w (r - s)`` (outside the
+momentum, as NoLoCo does) and moves the replica by ``phi' - s``, which keeps the local steps
+taken since ``s``. Summed over ranks the pulls cancel, so the mean of the ``phi`` follows
+DiLoCo's outer step on the mean exactly. Overlapped, the step uses
 the snapshot sent ``gossip_every`` steps earlier (the outer step lands one exchange late);
 ``sync=True`` mixes each exchange as soon as it is received, at the step end that sent it, so
 that the outer step follows the ``gossip_every`` local steps at once, as in DiLoCo. A rank

@@ -8,7 +8,7 @@ Mixing with weight ``w`` (``w = 1/2`` for every schedule but ``exact``):
 - synchronous:  ``x <- (1 - w) x + w r``                 (``r`` the partner's replica)
 - residual:     ``x <- x + w (r - s)``                    (``s`` the snapshot this rank sent)
 - outer step:   ``x <- x + (phi' - s)``, ``phi'`` one Nesterov step of the slow weights ``phi``
-  on the pseudo-gradient ``phi - m``, ``m = s - w (s - r)`` (``outer_step_``)
+  on the replica's pseudo-gradient ``phi - s``, plus the pull ``w (r - s)`` (``outer_step_``)
 
 The residual form is what overlap needs: the snapshot ``s`` left when the exchange began, a local
 optimizer step moved ``x`` meanwhile, and the residual keeps that step while pulling toward the
@@ -265,35 +265,39 @@ def outer_step_(
     lr: float,
     momentum: float,
 ) -> None:
-    """The outer step of one exchange (DiLoCo's, on the pair's mean), in place on ``tensors``
-    (the replica ``x``), ``slow`` (its slow weights ``phi``) and ``momentum_buffer`` (``u``):
+    """The outer step of one exchange, in place on ``tensors`` (the replica ``x``), ``slow`` (its
+    slow weights ``phi``) and ``momentum_buffer`` (``u``); NoLoCo's split of the update into a
+    momentum step on the replica's own pseudo-gradient and a pull toward the partner:
 
-        m   = s - w (s_wire - r_wire)          the pair's mean (``difference``: s_wire - r_wire)
-        d   = phi - m                          the pseudo-gradient, averaged over the pair
+        d   = phi - s                          this replica's pseudo-gradient
         u  <- mu u + d                         Nesterov, as ``torch.optim.SGD(nesterov=True)``
-        phi' = phi - lr (d + mu u)
+        phi' = phi - lr (d + mu u) - w (s_wire - r_wire)     the pull: the pair's mean minus s
         x  <- x + (phi' - s)                   the local steps taken since ``s`` are kept
         phi <- phi'
 
     ``snapshot``: ``s``, the values sent, unrounded (flat, the tensors' dtype); ``difference``:
     ``s - r`` as the wire carried them (flat, the tensors' dtype), ``None`` without a partner
-    (``m = s``). ``slow`` and ``momentum_buffer`` may be wider than ``tensors`` (float32 for
-    bfloat16 parameters), where the arithmetic runs. With ``lr = 1, mu = 0``, ``phi' = m`` and
-    this is residual mixing ``x <- x + w (r - s)``. Summed over ranks the ``difference`` terms
-    cancel (each payload is sent once and received once, as the wire rounded it), so the mean of
-    the ``phi`` takes exactly one outer step on ``mean(phi) - mean(s)``. Temporaries: two the
-    size of the tensors (the pseudo-gradient, and ``s`` widened when ``slow`` is wider)."""
+    (no pull). The pull stays out of the momentum and the learning rate: the partner changes at
+    every exchange (rotation), so a momentum of past pulls would push toward former partners,
+    and an ``lr`` other than 1 would over- or under-shoot the pair's mean (measured: both
+    learn less per step, benchmarks/virtual_lm.py). ``slow`` and ``momentum_buffer`` may be
+    wider than ``tensors`` (float32 for bfloat16 parameters), where the arithmetic runs. With
+    ``lr = 1, mu = 0``, ``phi' = s - w (s - r)`` and this is residual mixing
+    ``x <- x + w (r - s)``. Summed over ranks the pulls cancel (each payload is sent once and
+    received once, as the wire rounded it), so the mean of the ``phi`` takes exactly one DiLoCo
+    outer step on ``mean(phi) - mean(s)`` (with the mean of the ``u``). Temporaries: two the size
+    of the tensors (the pseudo-gradient, and ``s`` widened when ``slow`` is wider)."""
     if not tensors:
         return
     sent = [_cast(v, p.dtype) for v, p in zip(views(snapshot, tensors), slow, strict=True)]
-    step = torch._foreach_sub(list(slow), sent)  # d = phi - s + w (s - r)
-    if difference is not None:
-        diffs = [_cast(v, p.dtype) for v, p in zip(views(difference, tensors), slow, strict=True)]
-        torch._foreach_add_(step, diffs, alpha=weight)
+    step = torch._foreach_sub(list(slow), sent)  # d = phi - s
     torch._foreach_mul_(list(momentum_buffer), momentum)
     torch._foreach_add_(list(momentum_buffer), step)  # u <- mu u + d
     torch._foreach_add_(step, list(momentum_buffer), alpha=momentum)  # d + mu u
-    torch._foreach_add_(list(slow), step, alpha=-lr)  # phi'
+    torch._foreach_add_(list(slow), step, alpha=-lr)
+    if difference is not None:
+        diffs = [_cast(v, p.dtype) for v, p in zip(views(difference, tensors), slow, strict=True)]
+        torch._foreach_add_(list(slow), diffs, alpha=-weight)  # phi'
     torch._foreach_copy_(step, list(slow))
     torch._foreach_sub_(step, sent)  # phi' - s
     back = [_cast(v, t.dtype) for v, t in zip(step, tensors, strict=True)]

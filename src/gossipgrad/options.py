@@ -189,7 +189,7 @@ class GossipOptions:
         1.0,
         "learning rate of the outer step (DiLoCo, NoLoCo): at each exchange the change since "
         "the last one is a pseudo-gradient, and the replica moves from its slow weights by "
-        "outer_lr times the Nesterov step on the pair-averaged pseudo-gradient; 1 with "
+        "outer_lr times the Nesterov step on its pseudo-gradient, and toward its partner; 1 with "
         "outer_momentum 0 is plain gossip (no outer step)",
         above=0,
         high=4,
