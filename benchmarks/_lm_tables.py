@@ -78,7 +78,11 @@ def tables(settings: list[dict[str, Any]]) -> str:
         ddp = by.get("ddp", [])
         target = statistics.mean(r["final_val_bpc"] for r in ddp) if ddp else None
         hits = _hits(by, target) if target is not None else {}
-        best = _best_peer(by, hits)
+        # the targets compare only contenders run on every seed (a contender left at seed 0
+        # after the first grid is shown, not judged)
+        most = max(len(rs) for rs in by.values())
+        judged = {n: rs for n, rs in by.items() if len(rs) == most}
+        best = _best_peer(judged, hits)
         base = statistics.mean(r["step_mean_s"] for r in ddp) if ddp else None
         seeds = sorted({r["seed"] for rs in by.values() for r in rs})
         loads = g["loads"] or [float("nan")]
@@ -97,10 +101,10 @@ def tables(settings: list[dict[str, Any]]) -> str:
         at = f"{best[0]}'s finish ({_secs(best[1])} s)" if best else "the best peer's finish"
         epoch_cols = " | ".join(f"val bpc, epoch {e + 1}" for e in range(epochs))
         out += [
-            f"| contender | mean step ms | vs DDP | MB/host/step on the link (expected) | "
+            f"| contender | seeds | mean step ms | vs DDP | MB/host/step on the link (expected) | "
             f"{epoch_cols} | training time (s) | time to {goal} (s) | vs best peer | "
             f"val bpc at {at} |",
-            "|---" * (8 + epochs) + "|",
+            "|---" * (9 + epochs) + "|",
         ]
         for name, rs in by.items():
             mean = lambda key, rs=rs: statistics.mean(r[key] for r in rs)  # noqa: E731
@@ -110,13 +114,13 @@ def tables(settings: list[dict[str, Any]]) -> str:
             ratio = f"{hits[name][0] / hits[best[0]][0]:.2f}" if both else "-"
             at_best = statistics.mean(loss_at(r, best[1]) for r in rs) if best else float("nan")
             out.append(
-                f"| {rs[0]['label']} | {mean('step_mean_s') * 1e3:.0f} | {vs} | "
+                f"| {rs[0]['label']} | {len(rs)} | {mean('step_mean_s') * 1e3:.0f} | {vs} | "
                 f"{mean('mb_per_rank_per_step'):.2f} ({mean('expected_mb_per_rank_per_step'):.2f})"
                 f" | {' | '.join(_epoch_losses(rs))} | {_secs(mean('train_time_s'))} | {hit} | "
                 f"{ratio} | {at_best:.3f} |"
             )
         out += stopped_runs(settings, s)
-        out.append(_targets(by, hits, target, best))
+        out.append(_targets(judged, hits, target, best))
     return "\n".join(out)
 
 
@@ -135,7 +139,8 @@ def _targets(
 ) -> str:
     """Issue 28's targets on one setting: (a) the best gossipgrad setting reaches DDP's final
     loss in at most 0.8x the best peer's time; (b) its loss at the best peer's finishing time is
-    lower than the peer's; (c) it sends at most DiLoCo's bytes per step."""
+    lower than the peer's; (c) it sends at most DiLoCo's bytes per step: the tuned DiLoCo's (the
+    one nearest the target, as the best peer is chosen) and the least of any DiLoCo setting's."""
     ours = [n for n in by if parse(n).family == "gossip"]
     if target is None or best is None or not ours:
         return "\ntargets: not decided (no DDP run, no peer or no gossipgrad setting)"
@@ -160,13 +165,15 @@ def _targets(
         f"(b) at {peer}'s finish ({_secs(finish)} s): {mine} {at[mine]:.3f}, {peer} "
         f"{at[peer]:.3f} bits/char ({'met' if lower else 'not met'})"
     )
-    dilocos = [n for n in by if parse(n).family == "diloco"]
+    dilocos = {n: rs for n, rs in by.items() if parse(n).family == "diloco"}
     if dilocos:
+        tuned, _ = _best_peer(dilocos, hits) or (None, 0.0)
         least = min(dilocos, key=mb.get)
-        met = mb[mine] <= mb[least]
         lines.append(
-            f"(c) {mine} sends {mb[mine]:.2f} MB/host/step; the least of DiLoCo's: {least}, "
-            f"{mb[least]:.2f} ({'met' if met else 'not met'})"
+            f"(c) {mine} sends {mb[mine]:.2f} MB/host/step; tuned DiLoCo ({tuned}): "
+            f"{mb[tuned]:.2f} ({'met' if mb[mine] <= mb[tuned] else 'not met'}); the least of "
+            f"any DiLoCo setting ({least}): {mb[least]:.2f} "
+            f"({'met' if mb[mine] <= mb[least] else 'not met'})"
         )
     return "\n".join(lines)
 

@@ -3,8 +3,8 @@ against all-reduce and DiLoCo, in steps.
 
     python benchmarks/virtual_lm.py
 
-(``--p 64 16 --steps 150 --batch 8``, the defaults: the run whose table is in the results file;
-about 12 CPU-minutes, single-threaded; ``--quick`` runs a few steps of everything.)
+(``--p 64 16 --steps 300 --batch 8``, the defaults: the run whose table is in the results file;
+about 25 CPU-minutes, single-threaded; ``--quick`` runs a few steps of everything.)
 
 The model: ``gossipgrad.train.models`` ``gpt`` with 2 layers of width 32, 4 heads, block 32 (33k
 parameters), on ``pytext`` (``gossipgrad.train.data``: the Python standard library's sources,
@@ -17,10 +17,13 @@ Contenders, each from the same initial model, the same batches and the same sche
   batch, which is the same computation);
 - ``diloco H``: H AdamW steps on each replica, then the mean pseudo-gradient ``phi - mean(x)``
   (an exact all-reduce) and an outer ``torch.optim.SGD`` step on ``phi`` (Nesterov, lr 0.7,
-  momentum 0.9), every replica restarting from ``phi`` (DiLoCo);
+  momentum 0.9, or ``(lr, mu)`` as named), every replica restarting from ``phi`` (DiLoCo);
+- ``local SGD H``: the same with outer lr 1 and no momentum (``phi`` becomes the mean);
 - ``gossip H``: ``VirtualCluster(gossip_every=H)``, overlapped (the engine's default);
 - ``gossip+outer H (lr, mu[, sync])``: the same with ``outer_lr``, ``outer_momentum``;
-  overlapped the outer step lands one exchange late, ``sync`` applies it at once.
+  overlapped the outer step lands one exchange late, ``sync`` applies it at once;
+- ``gossip 2, int8 wire``: every 2 steps with ``wire_dtype=torch.int8`` (about the bytes per
+  step of gossip every 8 in float32).
 
 For speed the replicas' parameters are views of tensors stacked over the replicas: one batched
 forward and backward (``_forward``, checked against the model's own forward when the run
@@ -62,6 +65,7 @@ class Contender:
     every: int = 1
     outer: tuple[float, float] | None = None
     sync: bool = False
+    options: tuple[tuple[str, Any], ...] = ()  # more GossipOptions
 
 
 def contenders() -> list[Contender]:
@@ -69,12 +73,15 @@ def contenders() -> list[Contender]:
     for h in (8, 32):
         out += [
             Contender(f"diloco {h}", "diloco", h, OUTER),
+            Contender(f"diloco {h} (1.0, 0.5)", "diloco", h, (1.0, 0.5)),
+            Contender(f"local SGD {h}", "diloco", h, (1.0, 0.0)),
             Contender(f"gossip {h}", "gossip", h),
-            Contender(f"gossip+outer {h} (0.7, 0.9)", "gossip", h, OUTER),
             Contender(f"gossip+outer {h} (0.7, 0.9, sync)", "gossip", h, OUTER, sync=True),
+            Contender(f"gossip+outer {h} (1.0, 0.5, sync)", "gossip", h, (1.0, 0.5), sync=True),
             Contender(f"gossip+outer {h} (1.0, 0.5)", "gossip", h, (1.0, 0.5)),
         ]
-    return out
+    int8 = (("wire_dtype", torch.int8),)
+    return [*out, Contender("gossip 2, int8 wire", "gossip", 2, options=int8)]
 
 
 # --- the model, stacked over the replicas -------------------------------------------------------
@@ -191,9 +198,10 @@ def run(
     if c.kind == "diloco":
         slow = [t.detach()[0].clone().requires_grad_() for t in params.values()]
         lr, mu = c.outer or OUTER
-        outer = torch.optim.SGD(slow, lr=lr, momentum=mu, nesterov=True)
+        outer = torch.optim.SGD(slow, lr=lr, momentum=mu, nesterov=mu > 0)
     elif c.kind == "gossip":
         options: dict[str, Any] = {"gossip_every": c.every, "sync": c.sync, "seed": seed}
+        options.update(c.options)
         if c.outer is not None:
             options.update(outer_lr=c.outer[0], outer_momentum=c.outer[1])
         cluster = VirtualCluster(model, p, None, **options)
@@ -265,7 +273,7 @@ def _steps(hit: int | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--p", type=int, nargs="+", default=[64, 16])
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=8, help="windows per replica and step")
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
