@@ -61,8 +61,8 @@ class Contender:
 
     @property
     def peer(self) -> bool:
-        """Not gossipgrad: the bar to beat."""
-        return self.family != "gossip"
+        """Neither gossipgrad nor DDP (whose final loss is the target): the bar to beat."""
+        return self.family not in ("gossip", "ddp")
 
     def label(self) -> str:
         outer = f"outer Nesterov lr {self.outer[0]} m {self.outer[1]}" if self.outer else ""
@@ -317,3 +317,4 @@ class Runner:
             dist.barrier()  # every manager is down before the lighthouse goes
             if self._lighthouse is not None:
                 self._lighthouse.shutdown()
+            self._lighthouse = self._store = None  # the store's port is free for the next seed

@@ -175,6 +175,12 @@ def _targets(
             f"any DiLoCo setting ({least}): {mb[least]:.2f} "
             f"({'met' if mb[mine] <= mb[least] else 'not met'})"
         )
+        final = {n: statistics.mean(r["final_val_bpc"] for r in rs) for n, rs in by.items()}
+        cheaper = [n for n in ours if final[n] < final[tuned] and mb[n] <= mb[tuned]]
+        lines.append(
+            f"    gossipgrad settings ending below {tuned} at no more bytes per step: "
+            f"{', '.join(cheaper) or 'none'}"
+        )
     return "\n".join(lines)
 
 
@@ -192,12 +198,18 @@ def plot(settings: list[dict[str, Any]], out: Path) -> list[Path]:
         if path in paths:
             path = path.with_name(f"{path.stem}_{len(paths)}.png")
         fig, ax = plt.subplots(figsize=(8, 5))
+        colors = plt.get_cmap("tab20").colors
         for i, (name, rs) in enumerate(by.items()):
-            color = f"C{i % 10}"
+            family = parse(name).family
+            style = {  # gossipgrad solid, the peers dashed, DDP black
+                "color": "black" if family == "ddp" else colors[i % len(colors)],
+                "linestyle": "-" if family in ("gossip", "ddp") else "--",
+                "linewidth": 2.0 if family == "gossip" else 1.2,
+            }
             for j, r in enumerate(rs):
                 times = [e["time"] for e in r["evals"]]
                 losses = [e["val_bpc"] for e in r["evals"]]
-                ax.plot(times, losses, color=color, alpha=0.8, label=None if j else name)
+                ax.plot(times, losses, alpha=0.8, label=None if j else name, **style)
         if "ddp" in by:
             target = statistics.mean(r["final_val_bpc"] for r in by["ddp"])
             ax.axhline(target, color="gray", linestyle="--", linewidth=0.8, label="DDP's final")
