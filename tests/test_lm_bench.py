@@ -20,7 +20,8 @@ from lm import _eval_points, main  # noqa: E402
 
 
 def test_parse_names() -> None:
-    assert parse("ddp").family == "ddp" and parse("ddp").peer
+    assert parse("ddp").family == "ddp" and not parse("ddp").peer  # its loss is the target
+    assert parse("localsgd-k8").peer and parse("sdiloco-h8").peer
     assert parse("localsgd-k8").period == 8
     d = parse("diloco-h32")
     assert (d.family, d.period, d.fragments, d.delay, d.alpha, d.outer) == (
@@ -128,22 +129,26 @@ def test_tables_and_targets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "4 hosts at 100mbit" in text and "time to 3.000 (s)" in text
     # localsgd-k8 reaches 3.0 at 12 s: the best peer; gossip with the outer step at 6 s
     assert "best peer: localsgd-k8" in text and "val bpc at localsgd-k8's finish (12 s)" in text
-    assert "| DDP | 2500 | 1.00x | 20.00 (20.00) | 4.000 | 3.000 | 40 | 40 | 3.33 | 4.800 |" in text
+    ddp = "| DDP | 1 | 2500 | 1.00x | 20.00 (20.00) | 4.000 | 3.000 | 40 | 40 | 3.33 | 4.800 |"
+    assert ddp in text
     expected = [
-        "| gossipgrad, every 8 steps | 500 | 5.00x | 1.60 (1.60) | 4.000 | 3.100 | 8.00 | "
+        "| gossipgrad, every 8 steps | 1 | 500 | 5.00x | 1.60 (1.60) | 4.000 | 3.100 | 8.00 | "
         "not reached | - | 3.100 |",
         "(a) fastest gossipgrad setting to it: gossip-k8-outer0.7m0.9, 6.00 s; localsgd-k8: 12 s;"
         " ratio 0.500 (target <= 0.80: met)",
         "(b) at localsgd-k8's finish (12 s): gossip-k8-outer0.7m0.9 2.800, localsgd-k8 2.900 "
         "bits/char (met)",
-        "(c) gossip-k8-outer0.7m0.9 sends 1.60 MB/host/step; the least of DiLoCo's: diloco-h8, "
-        "2.40 (met)",
+        "(c) gossip-k8-outer0.7m0.9 sends 1.60 MB/host/step; tuned DiLoCo (diloco-h8): 2.40 "
+        "(met); the least of any DiLoCo setting (diloco-h8): 2.40 (met)",
+        "gossipgrad settings ending below diloco-h8 at no more bytes per step: gossip-k8, "
+        "gossip-k8-outer0.7m0.9",
     ]
     for line in expected:
         assert line in text, line
     # without the outer step no gossip setting gets there: (a) not met
     setting["runs"] = [r for r in setting["runs"] if "outer" not in r["contender"]]
     assert "(a) not met: no gossipgrad setting reached the target" in tables([setting])
+
     out = tmp_path / "lm.json"
     out.write_text(json.dumps([_setting()]))
     (png,) = plot([_setting()], out)
@@ -151,3 +156,13 @@ def test_tables_and_targets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     main(["--show", "--out", str(out)])
     assert "best peer: localsgd-k8" in capsys.readouterr().out
     assert math.isclose(json.loads(out.read_text())[0]["runs"][0]["final_val_bpc"], 3.0)
+
+
+def test_only_contenders_run_on_every_seed_are_judged() -> None:
+    setting = _setting()
+    again = [{**r, "seed": 1} for r in setting["runs"] if "outer" not in r["contender"]]
+    setting["runs"] += again  # the outer setting has seed 0 only: shown, not judged
+    text = tables([setting])
+    assert "| gossipgrad, every 8 steps, outer Nesterov lr 0.7 m 0.9 | 1 |" in text
+    assert "| gossipgrad, every 8 steps | 2 |" in text and "seeds [0, 1]" in text
+    assert "(a) not met: no gossipgrad setting reached the target" in text
