@@ -398,6 +398,7 @@ def on_page_markdown(markdown: str, page: Any, **kwargs: Any) -> str:
 PLOTS = (
     "scale.png",  # benchmarks/scale_plot.py
     "lm_4x100mbit.png",  # benchmarks/lm.py
+    "lm_4x1gbit.png",  # benchmarks/lm.py
 )
 
 
