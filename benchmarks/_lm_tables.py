@@ -56,6 +56,18 @@ def _epoch_losses(rs: list[dict[str, Any]]) -> list[str]:
     return cells
 
 
+def final_loss(rs: list[dict[str, Any]]) -> float:
+    """The mean final validation loss of one contender's runs."""
+    return statistics.mean(r["final_val_bpc"] for r in rs)
+
+
+def judged(by: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """The contenders run on every seed: the targets compare only these (one left at seed 0
+    after the first grid is shown, not judged)."""
+    most = max(len(rs) for rs in by.values())
+    return {n: rs for n, rs in by.items() if len(rs) == most}
+
+
 def _best_peer(
     by: dict[str, list[dict[str, Any]]], hits: dict[str, tuple[float, int]]
 ) -> tuple[str, float] | None:
@@ -65,7 +77,7 @@ def _best_peer(
     if not peers:
         return None
     full = [n for n in peers if n in hits and hits[n][1] == 0]
-    final = {n: statistics.mean(r["final_val_bpc"] for r in by[n]) for n in peers}
+    final = {n: final_loss(by[n]) for n in peers}
     best = min(full, key=lambda n: hits[n][0]) if full else min(peers, key=final.get)
     return best, statistics.mean(r["train_time_s"] for r in by[best])
 
@@ -78,11 +90,7 @@ def tables(settings: list[dict[str, Any]]) -> str:
         ddp = by.get("ddp", [])
         target = statistics.mean(r["final_val_bpc"] for r in ddp) if ddp else None
         hits = _hits(by, target) if target is not None else {}
-        # the targets compare only contenders run on every seed (a contender left at seed 0
-        # after the first grid is shown, not judged)
-        most = max(len(rs) for rs in by.values())
-        judged = {n: rs for n, rs in by.items() if len(rs) == most}
-        best = _best_peer(judged, hits)
+        best = _best_peer(judged(by), hits)
         base = statistics.mean(r["step_mean_s"] for r in ddp) if ddp else None
         seeds = sorted({r["seed"] for rs in by.values() for r in rs})
         loads = g["loads"] or [float("nan")]
@@ -120,7 +128,7 @@ def tables(settings: list[dict[str, Any]]) -> str:
                 f"{ratio} | {at_best:.3f} |"
             )
         out += stopped_runs(settings, s)
-        out.append(_targets(judged, hits, target, best))
+        out.append(_targets(judged(by), hits, target, best))
     return "\n".join(out)
 
 
@@ -166,16 +174,16 @@ def _targets(
         f"{at[peer]:.3f} bits/char ({'met' if lower else 'not met'})"
     )
     dilocos = {n: rs for n, rs in by.items() if parse(n).family == "diloco"}
-    if dilocos:
-        tuned, _ = _best_peer(dilocos, hits) or (None, 0.0)
-        least = min(dilocos, key=mb.get)
+    tuned_diloco = _best_peer(dilocos, hits)
+    if tuned_diloco is not None:
+        tuned, least = tuned_diloco[0], min(dilocos, key=mb.get)
         lines.append(
             f"(c) {mine} sends {mb[mine]:.2f} MB/host/step; tuned DiLoCo ({tuned}): "
             f"{mb[tuned]:.2f} ({'met' if mb[mine] <= mb[tuned] else 'not met'}); the least of "
             f"any DiLoCo setting ({least}): {mb[least]:.2f} "
             f"({'met' if mb[mine] <= mb[least] else 'not met'})"
         )
-        final = {n: statistics.mean(r["final_val_bpc"] for r in rs) for n, rs in by.items()}
+        final = {n: final_loss(rs) for n, rs in by.items()}
         cheaper = [n for n in ours if final[n] < final[tuned] and mb[n] <= mb[tuned]]
         lines.append(
             f"    gossipgrad settings ending below {tuned} at no more bytes per step: "

@@ -326,20 +326,20 @@ def _lm_row() -> tuple[str, str, str, str]:
     lm = _benchmark("_lm_tables")
     settings = [s for s in _json("lm.json") if s["hosts"] == 4 and s["rate"] == "100mbit"]
     (group,) = lm._group(settings).values()
-    most = max(len(rs) for rs in group["by"].values())
-    runs = {n: rs for n, rs in group["by"].items() if len(rs) == most}
+    runs = lm.judged(group["by"])
 
     def final(name: str) -> str:
-        loss = statistics.mean(r["final_val_bpc"] for r in runs[name])
-        return f"{loss:.3f} in {statistics.mean(r['train_time_s'] for r in runs[name]):.0f} s"
+        time = statistics.mean(r["train_time_s"] for r in runs[name])
+        return f"{lm.final_loss(runs[name]):.3f} in {time:.0f} s"
 
     def best(family: str) -> str:
         names = [n for n in runs if lm.parse(n).family == family]
-        return min(names, key=lambda n: statistics.mean(r["final_val_bpc"] for r in runs[n]))
+        return min(names, key=lambda n: lm.final_loss(runs[n]))
 
     ours, diloco = best("gossip"), best("diloco")
+    seeds = len(runs["ddp"])
     return (
-        f"4 hosts, 100 Mbit/s links, a 3.3M-parameter character GPT, {most} seeds: validation "
+        f"4 hosts, 100 Mbit/s links, a 3.3M-parameter character GPT, {seeds} seeds: validation "
         "bits per character after 2 epochs, and the training time",
         f"{final(ours)} ({lm.parse(ours).label()}; torchft's best DiLoCo: {final(diloco)})",
         final("ddp"),
