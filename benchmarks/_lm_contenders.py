@@ -28,7 +28,6 @@ Every contender's inner optimizer is AdamW with a linear warm-up and a cosine de
 from __future__ import annotations
 
 import math
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -38,12 +37,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from peers import OUTER as _OUTER  # noqa: E402
 from peers import expected_bytes as _peers_bytes  # noqa: E402
 from peers import parse as _peers_parse  # noqa: E402
 
 _DILOCO = re.compile(r"(s?diloco)-h(\d+)(?:-f(\d+))?(?:-t(\d+))?(?:-a([0-9.]+))?")
-_OUTER = re.compile(r"(.+?)-outer([0-9.]+)m([0-9.]+)")
-LIGHTHOUSE_PORT, STORE_PORT = 29650, 29700  # + the contender's index; on host 0 / every host
 
 
 @dataclass(frozen=True)
@@ -185,7 +183,6 @@ class Runner:
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.adamw, factor)
         self.opt: Any = self.adamw
         self._closers: list[Any] = []
-        self._lighthouse: Any = None
         timeout = timedelta(seconds=s.timeout_s)
         if c.family == "ddp":
             from torch.nn.parallel import DistributedDataParallel
@@ -212,57 +209,22 @@ class Runner:
             self._diloco(s, timeout)
 
     def _diloco(self, s: Settings, timeout: timedelta) -> None:
-        """torchft's DiLoCo: this host is a replica group of one process, with its own
-        ``TCPStore`` and ``Manager``; the ``Lighthouse`` runs in host 0's process (collective)."""
-        import torch
-        import torch.distributed as dist
-        from torchft import Manager, ProcessGroupGloo
-        from torchft._torchft import LighthouseServer
-        from torchft.local_sgd import DiLoCo
+        """torchft's DiLoCo (collective): a replica group per host, the lighthouse on host 0."""
+        from _torchft_diloco import TorchftDiLoCo
 
-        rank, world, c = dist.get_rank(), dist.get_world_size(), self.c
-        addr = os.environ.get("NC_ADDR", "127.0.0.1")  # set on every host by netcluster.sh
-        master = os.environ.get("MASTER_ADDR", "127.0.0.1")
-        port = LIGHTHOUSE_PORT + s.index
-        if rank == 0:
-            self._lighthouse = LighthouseServer(bind=f"[::]:{port}", min_replicas=world)
-        store = dist.TCPStore(addr, STORE_PORT + s.index, 1, True, wait_for_workers=False)
-        dist.barrier()  # the lighthouse is up
-        manager = Manager(
-            pg=ProcessGroupGloo(timeout=timeout),
-            load_state_dict=None,
-            state_dict=None,
-            min_replica_size=world,
-            use_async_quorum=False,  # DiLoCo needs it
-            timeout=timeout,
-            quorum_timeout=timeout,
-            rank=0,
-            world_size=1,
-            store_addr=addr,
-            store_port=STORE_PORT + s.index,
-            lighthouse_addr=f"http://{master}:{port}",
-            replica_id=f"{c.name}_{rank}",
-            hostname=addr,
-            init_sync=False,  # every replica starts from the same seed
-        )
-        parts = fragments(self.module, c.fragments)
-        lr, momentum = c.outer or (0.7, 0.9)
-        outer = [  # one per fragment: a shared one would step the others with inner gradients
-            torch.optim.SGD(p.parameters(), lr=lr, momentum=momentum, nesterov=True) for p in parts
-        ]
-        self.diloco = DiLoCo(
-            manager,
-            parts,
+        c = self.c
+        self.diloco = TorchftDiLoCo(
+            fragments(self.module, c.fragments),
             self.adamw,
-            outer,
             sync_every=c.period,
-            fragment_sync_delay=c.delay,
-            fragment_update_alpha=c.alpha,
-            use_bucketization=True,  # one flat all-reduce per fragment, not one per tensor
+            outer=c.outer or (0.7, 0.9),
+            index=s.index,
+            name=c.name,
+            timeout=timeout,
+            delay=c.delay,
+            alpha=c.alpha,
         )
-        self.diloco.__enter__()
-        self._closers += [lambda: self.diloco.__exit__(None, None, None), manager.shutdown]
-        self._store = store  # alive until close
+        self._closers.append(self.diloco.close)
 
     def fragment_numels(self) -> list[int]:
         count = self.c.fragments if self.c.family == "diloco" else 1
@@ -284,10 +246,8 @@ class Runner:
         """Complete what is in flight (inside the timed segment, before evaluating)."""
         if self.c.family == "gossip":
             self.model.flush()
-        elif self.c.family == "diloco":  # an overlapped fragment's all-reduce
-            for fragment in self.diloco._fragments:
-                for work in fragment._allreduce_work:
-                    work.wait()  # waits once; DiLoCo's own wait later returns at once
+        elif self.c.family == "diloco":
+            self.diloco.finish()
 
     def export(self, scratch: Any) -> Any:
         """The model this contender exports (collective): DDP's replica, else the exact
@@ -309,12 +269,5 @@ class Runner:
 
     def close(self) -> None:
         """Remove the hooks, stop torchft's servers (collective)."""
-        import torch.distributed as dist
-
         for close in self._closers:
             close()
-        if self.c.family == "diloco":
-            dist.barrier()  # every manager is down before the lighthouse goes
-            if self._lighthouse is not None:
-                self._lighthouse.shutdown()
-            self._lighthouse = self._store = None  # the store's port is free for the next seed

@@ -20,6 +20,10 @@ from the same initialisation (``torch.manual_seed(seed)``), on the same shards a
 - ``localsgd-kK``: torch post-local SGD, ``PostLocalSGDOptimizer`` + ``PeriodicModelAverager``
   (period K, no warm-up: from the first step, as gossip); ``local``: no communication at all (the
   replicas are averaged only to evaluate);
+- ``diloco-hH[-outerLRmM]``: torchft's ``DiLoCo`` (benchmarks/_torchft_diloco.py; needs the
+  ``bench`` extra): H inner SGD steps, then the pseudo-gradient is all-reduced and an outer SGD
+  step with Nesterov momentum (lr 0.7, m 0.9, the paper's, unless ``-outerLRmM``) moves the
+  global weights; its state between rounds is torchft's own checkpoint of the manager;
 - ``gossip[-kK][-bf16|-fp16|-int8][-pgaH][-sync]``: ``gossipgrad.wrap(module, "gossip", ...)``
   with ``gossip_every=K``, ``wire_dtype``, ``average_every=H`` (Gossip-PGA), ``sync=True``.
 
@@ -110,6 +114,7 @@ DEFAULT_CONTENDERS = (
 # (free page reporting) and the next first touch of it costs tens of microseconds under load.
 KEEP_HEAP = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776"
 POWERSGD_START = 2  # the least start_powerSGD_iter torch accepts with error feedback
+OUTER = re.compile(r"(.+?)-outer([0-9.]+)m([0-9.]+)")  # an outer step's lr and momentum
 _GOSSIP = re.compile(r"gossip(?:-k(\d+))?(?:-(bf16|fp16|int8))?(?:-pga(\d+))?(-sync)?")
 
 
@@ -121,16 +126,17 @@ class Spec:
     """A contender, parsed from its name."""
 
     name: str
-    family: str  # "ddp", "localsgd" or "gossip"
+    family: str  # "ddp", "localsgd", "diloco" or "gossip"
     hook: str = ""  # ddp: "", "fp16" or "powersgd"
     rank: int = 0  # powersgd
-    period: int = 0  # localsgd: K (0: no communication)
+    period: int = 0  # localsgd: K (0: no communication); diloco: H
+    outer: tuple[float, float] = (0.7, 0.9)  # diloco: the outer step's lr and Nesterov momentum
     gossip: tuple[tuple[str, Any], ...] = ()  # gossip: GossipOptions overrides, as text
 
     @property
     def peer(self) -> bool:
         """A torch peer (the bar to beat), not gossipgrad and not the no-communication row."""
-        return self.family == "ddp" or (self.family == "localsgd" and self.period > 0)
+        return self.family in ("ddp", "diloco") or (self.family == "localsgd" and self.period > 0)
 
     def label(self) -> str:
         if self.family == "ddp":
@@ -138,6 +144,9 @@ class Spec:
             return "DDP" + (extra if extra is not None else f" + PowerSGD r{self.rank}")
         if self.family == "localsgd":
             return f"torch post-local SGD, K = {self.period}" if self.period else "no communication"
+        if self.family == "diloco":
+            lr, momentum = self.outer
+            return f"DiLoCo (torchft), H = {self.period}, outer Nesterov lr {lr} m {momentum}"
         o = dict(self.gossip)
         parts = [f"every {o['gossip_every']} steps"] if "gossip_every" in o else []
         parts += [f"{o['wire_dtype']} on the wire"] if "wire_dtype" in o else []
@@ -157,6 +166,10 @@ def parse(name: str) -> Spec:
         return Spec(name, "localsgd")
     if m := re.fullmatch(r"localsgd-k(\d+)", name):
         return Spec(name, "localsgd", period=int(m[1]))
+    if m := re.fullmatch(r"diloco-h([1-9]\d*)", OUTER.sub(r"\1", name)):
+        outer = OUTER.fullmatch(name)
+        lr_momentum = (float(outer[2]), float(outer[3])) if outer else (0.7, 0.9)
+        return Spec(name, "diloco", period=int(m[1]), outer=lr_momentum)
     if m := _GOSSIP.fullmatch(name):
         o: dict[str, Any] = {}
         if m[1]:
@@ -170,7 +183,7 @@ def parse(name: str) -> Spec:
         return Spec(name, "gossip", gossip=tuple(sorted(o.items())))
     raise ValueError(
         f"unknown contender {name!r}: ddp, ddp-fp16, ddp-powersgd-rR, localsgd-kK, local, "
-        "gossip[-kK][-bf16|-fp16|-int8][-pgaH][-sync]"
+        "diloco-hH[-outerLRmM], gossip[-kK][-bf16|-fp16|-int8][-pgaH][-sync]"
     )
 
 
@@ -197,6 +210,8 @@ def expected_bytes(spec: Spec, shapes: list[list[int]], world: int, steps: int) 
         return ring * model
     if spec.family == "localsgd":
         return ring * model * math.ceil(steps / spec.period) / steps if spec.period else 0.0
+    if spec.family == "diloco":  # after every H-th step, from the H-th
+        return ring * model * (steps // spec.period) / steps
     o = dict(spec.gossip)
     from gossipgrad._quantize import encoded_size
 
@@ -216,7 +231,9 @@ def expected_bytes(spec: Spec, shapes: list[list[int]], world: int, steps: int) 
 class Runner:
     """One contender's wrapper, optimizer and export, rebuilt for every round."""
 
-    def __init__(self, spec: Spec, module: Any, args: argparse.Namespace, extra: Any) -> None:
+    def __init__(
+        self, spec: Spec, module: Any, args: argparse.Namespace, extra: Any, index: int = 0
+    ) -> None:
         import torch
 
         self.spec, self.module, self.model = spec, module, module
@@ -234,6 +251,21 @@ class Runner:
 
             averager = PeriodicModelAverager(period=spec.period, warmup_steps=0)
             self.opt = PostLocalSGDOptimizer(self.opt, averager)
+        elif spec.family == "diloco":  # index: the contender's own torchft ports
+            from _torchft_diloco import TorchftDiLoCo
+
+            self.diloco = TorchftDiLoCo(
+                [module],
+                self.opt,
+                sync_every=spec.period,
+                outer=spec.outer,
+                index=index,
+                name=spec.name,
+                timeout=timeout,
+            )
+            self.finish = self.diloco.finish
+            if extra is not None:
+                self.diloco.load_state_dict(extra)
         elif spec.family == "gossip":
             import gossipgrad
             from gossipgrad.options import WIRE_DTYPES
@@ -280,9 +312,11 @@ class Runner:
     def close(self) -> None:
         """Let this round's objects be freed: ``GossipDataParallel.close`` removes every hook it
         put on torch's optimizers and on the parameters, and frees its buffers (collective; the
-        exchange in flight was completed by ``finish``)."""
+        exchange in flight was completed by ``finish``); torchft's servers stop."""
         if self.spec.family == "gossip":
             self.model.close()
+        elif self.spec.family == "diloco":
+            self.diloco.close()
 
     def extra(self) -> Any:
         """What the next round needs besides parameters and optimizer state."""
@@ -291,6 +325,8 @@ class Runner:
             return {s: getattr(self.powersgd, s) for s in slots}
         if self.spec.family == "gossip":
             return self.model.gossip_state()
+        if self.spec.family == "diloco":
+            return self.diloco.state_dict()
         return None
 
     def exported(self, scratch: Any) -> Any:
@@ -383,8 +419,8 @@ def worker(args: argparse.Namespace) -> None:
         "runs": [],
     }
     warm = [slice(i * args.batch, (i + 1) * args.batch) for i in range(args.warmup_steps)]
-    for spec in specs:  # untimed, so that no contender pays the process's first touches
-        runner = Runner(spec, build(0), args, None)
+    for index, spec in enumerate(specs):  # untimed: no contender pays the first touches
+        runner = Runner(spec, build(0), args, None, index)
         for rows in warm:
             runner.step(x_train[rows], y_train[rows])
         runner.finish()
@@ -429,7 +465,8 @@ def worker(args: argparse.Namespace) -> None:
                     saved = _load_uncached(path) if epoch else None
                     if saved is not None:
                         module.load_state_dict(saved["model"])
-                    runner = Runner(spec, module, args, saved and saved["extra"])
+                    extra = saved and saved["extra"]
+                    runner = Runner(spec, module, args, extra, specs.index(spec))
                     if saved is not None:
                         runner.opt.load_state_dict(saved["optim"])
                     del saved
@@ -620,7 +657,7 @@ def _run_setting(hosts: int, rate: str, args: argparse.Namespace) -> dict[str, A
         "--state-dir", str(Path(args.state_dir) / f"{hosts}x{rate}"),
         "--seeds", *map(str, args.seeds), "--contenders", *args.contenders,
     ]  # fmt: skip
-    result = run_on_netcluster(Path(__file__), worker, hosts, rate, out, args)
+    result = run_on_netcluster(Path(__file__), worker, hosts, rate, out, args, "RUST_LOG=warn")
     shutil.rmtree(Path(args.state_dir) / f"{hosts}x{rate}", ignore_errors=True)
     return result
 

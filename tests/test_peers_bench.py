@@ -1,10 +1,13 @@
-"""Smoke test of benchmarks/peers.py: its --quick mode on a real emulated cluster (2 network
-namespaces with rate-limited links), every contender for 2 epochs of 6 steps on a small model.
-Needs root and `ip netns`; skipped otherwise, and when another netcluster keeps the lock."""
+"""benchmarks/peers.py: contender names and expected bytes; a smoke test of its --quick mode on a
+real emulated cluster (2 network namespaces with rate-limited links), every contender for 2
+epochs of 6 steps on a small model. The smoke test needs root and `ip netns` (skipped otherwise,
+and when another netcluster keeps the lock); its DiLoCo contender needs torchft."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -17,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "peers.py"
 sys.path.insert(0, str(SCRIPT.parent))
 
-from peers import DEFAULT_CONTENDERS, KEEP_HEAP, tables  # noqa: E402
+from peers import DEFAULT_CONTENDERS, KEEP_HEAP, expected_bytes, parse, tables  # noqa: E402
 
 
 def _netns_works() -> bool:
@@ -26,17 +29,35 @@ def _netns_works() -> bool:
     return subprocess.run(["ip", "netns", "list"], capture_output=True).returncode == 0
 
 
-pytestmark = pytest.mark.skipif(
+netcluster = pytest.mark.skipif(
     not hasattr(os, "geteuid") or os.geteuid() != 0 or not _netns_works(),
     reason="needs root and network namespaces (ip netns) for benchmarks/netcluster.sh",
 )
 
-EXTRA = "gossip-k2-fp16-pga4"  # an exact average and a compressed wire within 12 steps
+EXTRA = ["gossip-k2-fp16-pga4"]  # an exact average and a compressed wire within 12 steps
+if importlib.util.find_spec("torchft") is not None:
+    EXTRA.append("diloco-h4-outer1m0.5")  # its state crosses a round two steps after a sync
 
 
+def test_diloco_names_and_bytes() -> None:
+    d, tuned = parse("diloco-h8"), parse("diloco-h32-outer1m0.5")
+    assert (d.family, d.period, d.outer, d.peer) == ("diloco", 8, (0.7, 0.9), True)
+    assert (tuned.period, tuned.outer) == (32, (1.0, 0.5))
+    assert tuned.label() == "DiLoCo (torchft), H = 32, outer Nesterov lr 1.0 m 0.5"
+    for bad in ("diloco-h0", "diloco", "diloco-h8-outer"):
+        with pytest.raises(ValueError, match="unknown contender"):
+            parse(bad)
+    shapes, ring = [[10, 10]], 2 * 3 / 4  # 4 hosts; a sync after steps 8 and 16 of 20
+    assert expected_bytes(d, shapes, 4, 20) == pytest.approx(ring * 400 * 2 / 20)
+    assert expected_bytes(parse("localsgd-k8"), shapes, 4, 20) == pytest.approx(
+        ring * 400 * math.ceil(20 / 8) / 20
+    )  # torch's averager also averages at step 0
+
+
+@netcluster
 def test_quick_run_every_contender(tmp_path: Path) -> None:
     out = tmp_path / "peers.json"
-    contenders = [*DEFAULT_CONTENDERS, EXTRA]
+    contenders = [*DEFAULT_CONTENDERS, *EXTRA]
     cmd = [sys.executable, str(SCRIPT), "--quick", "--out", str(out), "--lock-wait", "120"]
     cmd += ["--state-dir", str(tmp_path / "state"), "--timeout", "240"]
     done = subprocess.run(
