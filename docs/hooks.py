@@ -406,6 +406,7 @@ PLOTS = (
     "scale.png",  # benchmarks/scale_plot.py
     "lm_4x100mbit.png",  # benchmarks/lm.py
     "lm_4x1gbit.png",  # benchmarks/lm.py
+    "lm_8x100mbit.png",  # benchmarks/lm.py
 )
 
 
