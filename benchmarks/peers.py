@@ -135,7 +135,8 @@ class Spec:
 
     @property
     def peer(self) -> bool:
-        """A torch peer (the bar to beat), not gossipgrad and not the no-communication row."""
+        """A peer (the bar to beat): DDP, post-local SGD or DiLoCo; not gossipgrad and not the
+        no-communication row."""
         return self.family in ("ddp", "diloco") or (self.family == "localsgd" and self.period > 0)
 
     def label(self) -> str:
@@ -251,7 +252,7 @@ class Runner:
 
             averager = PeriodicModelAverager(period=spec.period, warmup_steps=0)
             self.opt = PostLocalSGDOptimizer(self.opt, averager)
-        elif spec.family == "diloco":  # index: the contender's own torchft ports
+        elif spec.family == "diloco":  # index: the contender's own lighthouse port
             from _torchft_diloco import TorchftDiLoCo
 
             self.diloco = TorchftDiLoCo(
