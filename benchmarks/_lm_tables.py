@@ -88,9 +88,10 @@ def tables(settings: list[dict[str, Any]]) -> str:
     for g in _group(settings).values():
         s, by = g["setting"], g["by"]
         ddp = by.get("ddp", [])
-        target = statistics.mean(r["final_val_bpc"] for r in ddp) if ddp else None
+        target = final_loss(ddp) if ddp else None
         hits = _hits(by, target) if target is not None else {}
-        best = _best_peer(judged(by), hits)
+        compared = judged(by)
+        best = _best_peer(compared, hits)
         base = statistics.mean(r["step_mean_s"] for r in ddp) if ddp else None
         seeds = sorted({r["seed"] for rs in by.values() for r in rs})
         loads = g["loads"] or [float("nan")]
@@ -128,7 +129,7 @@ def tables(settings: list[dict[str, Any]]) -> str:
                 f"{ratio} | {at_best:.3f} |"
             )
         out += stopped_runs(settings, s)
-        out.append(_targets(judged(by), hits, target, best))
+        out.append(_targets(compared, hits, target, best))
     return "\n".join(out)
 
 
@@ -219,7 +220,7 @@ def plot(settings: list[dict[str, Any]], out: Path) -> list[Path]:
                 losses = [e["val_bpc"] for e in r["evals"]]
                 ax.plot(times, losses, alpha=0.8, label=None if j else name, **style)
         if "ddp" in by:
-            target = statistics.mean(r["final_val_bpc"] for r in by["ddp"])
+            target = final_loss(by["ddp"])
             ax.axhline(target, color="gray", linestyle="--", linewidth=0.8, label="DDP's final")
         later = [e["val_bpc"] for rs in by.values() for r in rs for e in r["evals"] if e["step"]]
         if later:  # the first drop, from about 8 bits, would flatten the rest

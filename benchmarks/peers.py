@@ -448,7 +448,7 @@ def worker(args: argparse.Namespace) -> None:
             gen = torch.Generator().manual_seed(1000 * seed + epoch)
             shard = torch.randperm(len(y_train), generator=gen)[rank::world][:per_rank]
             batches = [shard[i * args.batch : (i + 1) * args.batch] for i in range(steps_per_epoch)]
-            for spec in specs:
+            for index, spec in enumerate(specs):
                 run = runs[spec.name]
                 if run["error"] is not None:
                     continue
@@ -467,7 +467,7 @@ def worker(args: argparse.Namespace) -> None:
                     if saved is not None:
                         module.load_state_dict(saved["model"])
                     extra = saved and saved["extra"]
-                    runner = Runner(spec, module, args, extra, specs.index(spec))
+                    runner = Runner(spec, module, args, extra, index)
                     if saved is not None:
                         runner.opt.load_state_dict(saved["optim"])
                     del saved
