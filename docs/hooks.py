@@ -407,6 +407,7 @@ PLOTS = (
     "lm_4x100mbit.png",  # benchmarks/lm.py
     "lm_4x1gbit.png",  # benchmarks/lm.py
     "lm_8x100mbit.png",  # benchmarks/lm.py
+    "lm_8x1gbit.png",  # benchmarks/lm.py
 )
 
 
