@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import math
+from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
 from _dist import run_world
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from gossipgrad import GossipDataParallel
 from gossipgrad._clipping import AverageNormEstimate
@@ -70,6 +73,77 @@ def test_pure_noise_is_scaled_by_one_over_root_p_and_pure_signal_not_at_all() ->
         steady = signal.update([direction])
     assert noisy / math.sqrt(1000) == pytest.approx(1 / 4, rel=0.25)
     assert steady == pytest.approx(direction.norm().item(), rel=1e-6)
+
+
+Wrapped = GossipDataParallel | DistributedDataParallel
+
+
+def _clipped_steps(
+    model: Wrapped, opt: torch.optim.Optimizer, rank: int, steps: range
+) -> list[float]:
+    """Train ``steps`` with clipping at 0.05 (every step clips: ``GossipDataParallel``'s
+    estimate, DDP's norm of the average); the norms clipped against."""
+    teacher = torch.randn(20, 5, generator=torch.Generator().manual_seed(9))
+    norms = []
+    for t in steps:
+        x = torch.randn(8, 20, generator=torch.Generator().manual_seed(100 * rank + t))
+        nn.functional.cross_entropy(model(x), (x @ teacher).argmax(1)).backward()
+        if isinstance(model, GossipDataParallel):
+            norms.append(model.clip_grad_norm_(0.05).item())
+        else:
+            norms.append(nn.utils.clip_grad_norm_(model.parameters(), 0.05).item())
+        opt.step()
+        opt.zero_grad()
+    return norms
+
+
+def _resumed_with_clipping(rank: int, world: int, wrapper: str) -> tuple[bool, bool, float]:
+    """Ten clipped steps straight, and five, a checkpoint, five more in a new wrapper: whether
+    both end equal, whether the estimate was saved, and the least norm clipped against."""
+
+    def fresh(seed: int) -> tuple[Wrapped, torch.optim.Optimizer]:
+        torch.manual_seed(seed)
+        module = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5))
+        model: Wrapped = (
+            GossipDataParallel(module) if wrapper == "gossip" else DistributedDataParallel(module)
+        )
+        return model, torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+
+    def engine_state(model: Wrapped) -> dict[str, Any]:
+        return model.gossip_state() if isinstance(model, GossipDataParallel) else {}
+
+    straight, opt = fresh(0)
+    norms = _clipped_steps(straight, opt, rank, range(10))
+    want = torch.cat([p.detach().reshape(-1) for p in straight.module.parameters()])
+    _close(straight)
+
+    first, opt = fresh(0)
+    _clipped_steps(first, opt, rank, range(5))
+    state = copy.deepcopy((first.module.state_dict(), opt.state_dict(), engine_state(first)))
+    _close(first)
+    resumed, opt = fresh(1)
+    resumed.module.load_state_dict(state[0])
+    opt.load_state_dict(state[1])
+    if isinstance(resumed, GossipDataParallel):
+        resumed.load_gossip_state(state[2])
+    _clipped_steps(resumed, opt, rank, range(5, 10))
+    got = torch.cat([p.detach().reshape(-1) for p in resumed.module.parameters()])
+    _close(resumed)
+    return torch.equal(got, want), "clip_norm_estimate" in state[2], min(norms)
+
+
+def test_a_resume_mid_run_keeps_the_estimate_and_continues_bit_for_bit_as_under_ddp() -> None:
+    for equal, _, least in run_world(_resumed_with_clipping, 2, "ddp"):
+        assert least > 0.05 and equal
+    for equal, saved, least in run_world(_resumed_with_clipping, 2, "gossip"):
+        assert least > 0.05  # every step clipped: the estimate decides each step's size
+        assert saved
+        assert equal
+
+
+def _close(model: Wrapped) -> None:
+    if isinstance(model, GossipDataParallel):
+        model.close()
 
 
 def _grad(p: torch.Tensor) -> torch.Tensor:

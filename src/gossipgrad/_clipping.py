@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -40,7 +41,8 @@ class AverageNormEstimate:
         previous = self._previous
         if previous is not None and [g.shape for g in grads] == [g.shape for g in previous]:
             cross = sum(
-                float((g.double() * h.double()).sum()) for g, h in zip(grads, previous, strict=True)
+                float((g.double() * h.to(g.device).double()).sum())
+                for g, h in zip(grads, previous, strict=True)
             )
             self._seen += 1
             keep = SMOOTHING if self._seen > 1 else 0.0
@@ -53,3 +55,20 @@ class AverageNormEstimate:
         noise = self._square - signal
         ratio = (signal + noise / self.world_size) / self._square
         return math.sqrt(square * ratio)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The smoothed moments and the last gradients, for an exact resume."""
+        previous = [g.cpu().clone() for g in self._previous or []]
+        return {
+            "square": self._square,
+            "cross": self._cross,
+            "seen": self._seen,
+            "previous": previous,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from ``state_dict()`` (the world size stays this estimate's own: the moments
+        are one rank's, whatever the number of ranks)."""
+        self._square, self._cross = float(state["square"]), float(state["cross"])
+        self._seen = int(state["seen"])
+        self._previous = [torch.as_tensor(g).clone() for g in state["previous"]] or None

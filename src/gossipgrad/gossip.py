@@ -313,14 +313,21 @@ class GossipDataParallel(nn.Module, Joinable):
 
     def gossip_state(self) -> dict[str, Any]:
         """What a checkpoint needs to resume exactly: the step, what the schedule depends on,
-        the trackers, and the exchange in flight, waited for but not mixed, so that taking a
-        checkpoint changes nothing in the run (collective: every rank calls it at the same
-        point, between steps)."""
+        the trackers, the exchange in flight, waited for but not mixed, and ``clip_grad_norm_``'s
+        estimate, so that taking a checkpoint changes nothing in the run (collective: every rank
+        calls it at the same point, between steps)."""
         self._catch_up()
-        return self._engine.state()
+        state = self._engine.state()
+        if self._norms is not None:
+            state["clip_norm_estimate"] = self._norms.state_dict()
+        return state
 
     def load_gossip_state(self, state: dict[str, Any]) -> None:
         self._engine.load_state(state)
+        self._norms = None
+        if "clip_norm_estimate" in state:
+            self._norms = AverageNormEstimate(self.world_size)
+            self._norms.load_state_dict(state["clip_norm_estimate"])
 
     def change_group(self, group: dist.ProcessGroup | None, *, step: int | None = None) -> None:
         """Gossip in ``group`` from now on: a membership change (``gossipgrad.elastic``). The
