@@ -114,7 +114,7 @@ def _resumed_with_clipping(rank: int, world: int, wrapper: str) -> tuple[bool, b
 
     straight, opt = fresh(0)
     norms = _clipped_steps(straight, opt, rank, range(10))
-    want = torch.cat([p.detach().reshape(-1) for p in straight.module.parameters()])
+    want = nn.utils.parameters_to_vector(straight.module.parameters()).detach()
     _close(straight)
 
     first, opt = fresh(0)
@@ -127,7 +127,7 @@ def _resumed_with_clipping(rank: int, world: int, wrapper: str) -> tuple[bool, b
     if isinstance(resumed, GossipDataParallel):
         resumed.load_gossip_state(state[2])
     _clipped_steps(resumed, opt, rank, range(5, 10))
-    got = torch.cat([p.detach().reshape(-1) for p in resumed.module.parameters()])
+    got = nn.utils.parameters_to_vector(resumed.module.parameters()).detach()
     _close(resumed)
     return torch.equal(got, want), "clip_norm_estimate" in state[2], min(norms)
 

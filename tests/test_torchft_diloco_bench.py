@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-
-from tests._dist import run_world
+from _dist import run_world
 
 pytest.importorskip("torchft")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
